@@ -1,0 +1,36 @@
+# tiedlora: every target sets itself up (a local virtual environment in .venv).
+#   make demo   fine-tune TL6 r=8 on the embedded CPU default task and print the result
+#   make test   run the default test suite (CPU, gloo)
+PY        ?= python3
+VENV      ?= .venv
+# CPU machines: this pin takes the CPU build of torch. GPU users outside the NGC
+# container may set TORCH_SPEC="torch>=2.4" (the container already has torch).
+TORCH_SPEC ?= torch==2.13.0
+BIN       := $(VENV)/bin
+
+.PHONY: venv demo test test-slow params bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(BIN)/python -m tiedlora.finetune $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+params: venv
+	$(BIN)/python -m tiedlora.params all=true $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun runs .pytest_cache

@@ -1,0 +1,124 @@
+"""Process-group and megatron parallel-state set-up for torchrun, srun and plain python.
+
+The distributed environment is read from, in order:
+
+1. torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``);
+2. Slurm's (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, the first host of
+   ``SLURM_JOB_NODELIST``) when a job step is started by ``srun`` without torchrun;
+3. otherwise a single process on a free loopback port.
+
+The backend is NCCL when CUDA is available, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tiedlora import compat
+from tiedlora.models.gpt import ParallelConfig
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # torchrun | slurm | single
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist such as ``node[01-04,07],gpu9`` -> ``node01``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return "127.0.0.1"
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def detect_env() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
+                       "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       int(env.get("MASTER_PORT") or 20000 + job % 20000), "slurm")
+    return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> DistEnv:
+    """Initialise torch.distributed and megatron's parallel state for ``parallel``.
+
+    Idempotent within a process only if called with the same layout.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    compat.install()
+    env = detect_env()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if compat.cuda_available():
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(
+            backend="nccl" if compat.cuda_available() else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size,
+        )
+    world = dist.get_world_size()
+    if world % (parallel.tp * parallel.pp):
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tp*parallel.pp="
+            f"{parallel.tp * parallel.pp}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+    )
+    set_seed(seed)
+    return env
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch and megatron's model-parallel RNG tracker identically on every rank."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,133 @@
+"""The Tied-LoRA adapter on megatron-core's tensor-parallel linear layers.
+
+    x ──► base (frozen W) ───────────────────────────────► (+) ──► out, bias
+    │                                                      ▲
+    └─► dropout ─► A ─► ⊙ s·u ─► [TP comm] ─► B ─► ⊙ v ────┘
+
+    ΔW x = s · v ⊙ B( u ⊙ A x ),   s = alpha / r
+
+A·x is computed first (r wide), so no d_out×d_in matrix is ever formed during training.
+
+Tensor parallelism (DESIGN.md §2). Shapes per rank, tp = tensor-parallel size:
+
+Column-parallel base (``linear_qkv``, ``linear_fc1``; output sharded on d_out):
+    A (r, d_in) replicated · u (r,) replicated · B (d_out/tp, r) · v (d_out/tp,)
+    h = s·u ⊙ A x (full r on every rank) -> copy_to_tensor_model_parallel_region (all-reduce
+    of dL/dh in backward) -> B. Under sequence parallel, A and u see the local sequence
+    chunk and h is all-gathered along the sequence instead (reduce-scatter in backward).
+    u is applied *before* the copy/gather so its gradient already includes every rank's B.
+
+Row-parallel base (``linear_proj``, ``linear_fc2``; input sharded on d_in):
+    A (r, d_in/tp) · u (r,) · B (d_out, r) · v (d_out,) replicated
+    h = all-reduce(A_shard x_shard); under sequence parallel a reduce-scatter along the
+    sequence instead, matching the base's sequence-sharded output.
+
+Replicated tensors that see only a sequence chunk under sequence parallel carry
+``param.sequence_parallel = True``: their gradients are summed over the tensor-parallel
+group before the optimizer step (:func:`tiedlora.peft.grads.finalize_adapter_grads`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TiedLoRAAdapter(nn.Module):
+    """Computes ΔW·x for one adapted linear layer.
+
+    Per-layer factors are registered here; tied factors are owned by
+    :class:`TiedFactors` and only referenced (``self._owner``), so each has one
+    state-dict key and one optimizer entry.
+    """
+
+    def __init__(self, mode: str, target: str, layer_number: int, scale: float, dropout: float,
+                 tp_group, sequence_parallel: bool, owner: Optional["TiedFactors"] = None):
+        super().__init__()
+        if mode not in ("column", "row"):
+            raise ValueError(f"mode={mode!r}: expected column or row")
+        self.mode = mode
+        self.target = target
+        self.layer_number = layer_number  # global, 1-based (megatron's TransformerLayer numbering)
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.tp_group = tp_group
+        self.tp_size = tp_group.size() if tp_group is not None else 1
+        self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
+        # Plain tuple: a reference that nn.Module does not register (one owner only).
+        self._owner = (owner,)
+        self.A: Optional[nn.Parameter] = None  # per-layer A (untied only)
+        self.B: Optional[nn.Parameter] = None  # per-layer B (untied only)
+        self.u: Optional[nn.Parameter] = None  # (r,) replicated; None = identity
+        self.v: Optional[nn.Parameter] = None  # column: (d_out/tp,), row: (d_out,); None = identity
+
+    def factor(self, name: str) -> Optional[torch.Tensor]:
+        """A, B, u or v as used by this layer (tied ones come from the owner)."""
+        own = getattr(self, name)
+        if own is not None or name in ("u", "v"):
+            return own
+        owner = self._owner[0]
+        return None if owner is None else owner.get(self.target, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import mappings
+
+        A, B = self.factor("A"), self.factor("B")
+        x = self.dropout(x).to(A.dtype)
+        h = F.linear(x, A)  # [s, b, r] (column) or partial [s, b, r] (row)
+        if self.mode == "column":
+            h = h * (self.u * self.scale) if self.u is not None else h * self.scale
+            if self.sequence_parallel:
+                h = mappings.gather_from_sequence_parallel_region(h, group=self.tp_group)
+            else:
+                h = mappings.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        else:
+            if self.sequence_parallel:
+                h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
+            else:
+                h = mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+            h = h * (self.u * self.scale) if self.u is not None else h * self.scale
+        out = F.linear(h, B)  # [s, b, d_out/tp] (column) or [s(/tp), b, d_out] (row)
+        if self.v is not None:
+            out = out * self.v
+        return out
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, target={self.target}, layer={self.layer_number}, scale={self.scale}"
+
+
+class TiedFactors(nn.Module):
+    """Owner of the tied A/B factors: one (A, B) pair per target kind.
+
+    Registered once on the model (``model.tied_adapters``); its parameter names are
+    ``{target}_A`` / ``{target}_B``.
+    """
+
+    def get(self, target: str, name: str) -> Optional[nn.Parameter]:
+        return getattr(self, f"{target}_{name}", None)
+
+    def put(self, target: str, name: str, param: nn.Parameter) -> None:
+        self.register_parameter(f"{target}_{name}", param)
+
+
+class AdaptedLinear(nn.Module):
+    """Wraps a megatron-core parallel linear; keeps its ``(output, bias)`` contract."""
+
+    def __init__(self, base: nn.Module, adapter: TiedLoRAAdapter):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out, bias = self.base(x, *args, **kwargs)
+        return out + self.adapter(x).to(out.dtype), bias
+
+    def __getattr__(self, name: str):
+        # Megatron code reads attributes of the linear it built (weight, config, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base"), name)

@@ -1,0 +1,308 @@
+"""Apply a :class:`PeftConfig` to a megatron-core GPTModel.
+
+``apply_peft(model, cfg)`` freezes the base, wraps every target linear of every
+transformer layer in an :class:`AdaptedLinear`, creates the factors (tied ones once, on
+``model.tied_adapters``) and sets ``requires_grad`` from the config flags alone
+(:func:`declare_trainable`).
+
+Every factor is generated on the CPU from ``cfg.seed`` as the *full* (unsharded) tensor
+and then sliced to this rank's shard with the base weight's partition stride, so values
+are identical at every TP size and on every pipeline stage (per-layer factors are keyed
+by the *global* layer number).
+
+Adapter tensors have layout-independent names, used by checkpoints:
+``tied.{target}.{A|B}`` and ``layers.{i}.{target}.{A|B|u|v}`` (i: 0-based global layer).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tiedlora.peft.config import COLUMN_TARGETS, FACTORS, PeftConfig
+from tiedlora.peft.layer import AdaptedLinear, TiedFactors, TiedLoRAAdapter
+
+ADAPTER_DTYPE = torch.float32  # adapters stay fp32 even when the base is bf16
+
+
+# --------------------------------------------------------------------------- sharding
+def shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
+    """This rank's slice of ``full`` along ``dim``, megatron's strided split.
+
+    With stride k the dimension is cut into size·k blocks and rank r takes blocks
+    r, r+size, ... (e.g. SwiGLU's fc1 [gate; up] gives each rank [gate_r; up_r]).
+    """
+    if size == 1:
+        return full
+    n = full.shape[dim]
+    if n % (size * stride):
+        raise ValueError(f"dimension {n} is not divisible by tp*stride={size * stride}")
+    blocks = torch.split(full, n // (size * stride), dim=dim)
+    return torch.cat(blocks[rank::size], dim=dim)
+
+
+def unshard(shards: List[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """Inverse of :func:`shard` given every rank's shard in rank order."""
+    if len(shards) == 1:
+        return shards[0]
+    pieces = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+
+
+# ----------------------------------------------------------------------------- init
+def _generator(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}".encode()))
+
+
+def init_full(shape: Tuple[int, ...], init, seed: int, key: str) -> torch.Tensor:
+    """A full fp32 tensor on the CPU, reproducible from (seed, key) alone."""
+    t = torch.empty(shape, dtype=ADAPTER_DTYPE)
+    if init == "zeros":
+        return t.zero_()
+    if init == "ones":
+        return t.fill_(1.0)
+    if isinstance(init, float):
+        return t.fill_(init)
+    g = _generator(seed, key)
+    if init == "normal":
+        return t.normal_(0.0, 0.02, generator=g)
+    if init == "kaiming_uniform":  # torch's Linear default (a = sqrt(5)): U(±1/sqrt(fan_in))
+        bound = 1.0 / (shape[-1] ** 0.5) if len(shape) == 2 else 1.0
+        return t.uniform_(-bound, bound, generator=g)
+    raise ValueError(f"unknown init {init!r}")
+
+
+def _set_tp_attrs(p: nn.Parameter, dim: int, stride: int) -> None:
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(p, is_parallel=True, dim=dim, stride=stride)
+
+
+# ------------------------------------------------------------------------ placement
+def _base_mode(base: nn.Module) -> str:
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if isinstance(base, ColumnParallelLinear):
+        return "column"
+    if isinstance(base, RowParallelLinear):
+        return "row"
+    raise TypeError(
+        f"cannot adapt {type(base).__name__}: tiedlora adapts megatron-core's "
+        "ColumnParallelLinear/RowParallelLinear (the local layer spec); fused "
+        "layernorm-linear modules would feed the adapter un-normalised input")
+
+
+class FactorSpec:
+    """Where a factor lives on this rank: full shape, shard dim (or None), stride."""
+
+    def __init__(self, full_shape, shard_dim: Optional[int], stride: int = 1):
+        self.full_shape, self.shard_dim, self.stride = tuple(full_shape), shard_dim, stride
+
+
+def factor_specs(mode: str, d_in: int, d_out: int, r: int, stride: int) -> Dict[str, FactorSpec]:
+    if mode == "column":
+        return {"A": FactorSpec((r, d_in), None), "B": FactorSpec((d_out, r), 0, stride),
+                "u": FactorSpec((r,), None), "v": FactorSpec((d_out,), 0, stride)}
+    return {"A": FactorSpec((r, d_in), 1), "B": FactorSpec((d_out, r), None),
+            "u": FactorSpec((r,), None), "v": FactorSpec((d_out,), None)}
+
+
+def _make_param(spec: FactorSpec, init, seed: int, key: str, tp_rank: int, tp_size: int,
+                device: torch.device) -> nn.Parameter:
+    if device.type == "meta":
+        shape = list(spec.full_shape)
+        if spec.shard_dim is not None:
+            shape[spec.shard_dim] //= tp_size
+        p = nn.Parameter(torch.empty(shape, dtype=ADAPTER_DTYPE, device="meta"))
+    else:
+        full = init_full(spec.full_shape, init, seed, key)
+        if spec.shard_dim is not None:
+            full = shard(full, spec.shard_dim, tp_rank, tp_size, spec.stride)
+        p = nn.Parameter(full.contiguous().to(device))
+    if spec.shard_dim is not None:
+        _set_tp_attrs(p, spec.shard_dim, spec.stride)
+    return p
+
+
+def _transformer_layers(model: nn.Module):
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    return [m for m in model.modules() if isinstance(m, TransformerLayer)]
+
+
+def _find_target(layer: nn.Module, target: str) -> Tuple[nn.Module, str, nn.Module]:
+    for name, mod in layer.named_modules():
+        if name.split(".")[-1] == target:
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            return parent, target, mod
+    raise ValueError(
+        f"peft.target_modules: {target!r} is not present in transformer layer "
+        f"{layer.layer_number} of this model")
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+    """Freeze ``model`` and add the adapters described by ``cfg`` (in place; returns model)."""
+    layers = _transformer_layers(model)
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        raise ValueError("model already has adapters; build a fresh base model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.peft_config = cfg
+    if not layers:
+        # A pipeline stage with no transformer layers still needs the owner for symmetry.
+        model.tied_adapters = TiedFactors()
+        return model
+
+    owner = TiedFactors()
+    model.tied_adapters = owner
+    sp = bool(getattr(model.config, "sequence_parallel", False))
+    for layer in layers:
+        idx = layer.layer_number - 1  # global 0-based
+        for target in cfg.target_modules:
+            parent, attr, base = _find_target(layer, target)
+            mode = _base_mode(base)
+            group = base.tp_group
+            tp_rank, tp_size = group.rank(), group.size()
+            d_in, d_out = base.input_size, base.output_size
+            stride = getattr(base.weight, "partition_stride", 1) if mode == "column" else 1
+            device = base.weight.device
+            specs = factor_specs(mode, d_in, d_out, cfg.rank, stride)
+            adapter = TiedLoRAAdapter(mode, target, layer.layer_number, cfg.scale, cfg.dropout,
+                                      group, sp, owner)
+            for name in FACTORS:
+                fcfg = getattr(cfg, name)
+                if cfg.is_identity(name):
+                    continue
+                init = cfg.resolved_init(name)
+                if name in ("A", "B") and fcfg.tied:
+                    if owner.get(target, name) is None:
+                        owner.put(target, name, _make_param(
+                            specs[name], init, cfg.seed, f"{target}/{name}/tied",
+                            tp_rank, tp_size, device))
+                    continue
+                setattr(adapter, name, _make_param(
+                    specs[name], init, cfg.seed, f"{target}/{name}/layer{idx}",
+                    tp_rank, tp_size, device))
+            if adapter.sequence_parallel:
+                _mark_sequence_parallel(adapter, owner, mode, target)
+            setattr(parent, attr, AdaptedLinear(base, adapter))
+    declare_trainable(model, cfg)
+    return model
+
+
+def _mark_sequence_parallel(adapter: TiedLoRAAdapter, owner: TiedFactors, mode: str, target: str):
+    """Replicated factors that see only a sequence chunk: A, u (column); u, B, v (row)."""
+    names = ("A", "u") if mode == "column" else ("u", "B", "v")
+    for name in names:
+        p = adapter.factor(name)
+        if p is not None:
+            p.sequence_parallel = True
+
+
+def declare_trainable(model: nn.Module, cfg: PeftConfig) -> None:
+    """``requires_grad`` from the config flags alone: the base and frozen factors get none."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p, _ in iter_adapter_params(model):
+        factor = name.rsplit(".", 1)[-1]
+        p.requires_grad_(bool(getattr(cfg, factor).trainable))
+
+
+def adapter_modules(model: nn.Module) -> List[TiedLoRAAdapter]:
+    return [m for m in model.modules() if isinstance(m, TiedLoRAAdapter)]
+
+
+def iter_adapter_params(model: nn.Module) -> Iterable[Tuple[str, nn.Parameter, Optional[TiedLoRAAdapter]]]:
+    """(layout-independent name, parameter, adapter or None for tied) of every adapter tensor.
+
+    Tied factors are yielded once.
+    """
+    owner = getattr(model, "tied_adapters", None)
+    if owner is not None:
+        for pname, p in owner.named_parameters(recurse=False):
+            target, factor = pname.rsplit("_", 1)
+            yield f"tied.{target}.{factor}", p, None
+    for ad in adapter_modules(model):
+        for factor in FACTORS:
+            p = getattr(ad, factor)
+            if p is not None:
+                yield f"layers.{ad.layer_number - 1}.{ad.target}.{factor}", p, ad
+
+
+def adapter_parameters(model: nn.Module, trainable_only: bool = True) -> Dict[str, nn.Parameter]:
+    """The adapter tensors by layout-independent name (what the optimizer and checkpoints see)."""
+    return {n: p for n, p, _ in iter_adapter_params(model) if p.requires_grad or not trainable_only}
+
+
+def _spec_of(model: nn.Module, name: str, p: nn.Parameter) -> Tuple[Optional[int], int]:
+    if getattr(p, "tensor_model_parallel", False):
+        return p.partition_dim, getattr(p, "partition_stride", 1)
+    return None, 1
+
+
+def adapter_state_dict(chunks: List[nn.Module] | nn.Module) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) adapter tensors of the whole model, on the CPU.
+
+    Collective: every rank of the model-parallel group must call it. Gathers tensor-parallel
+    shards (with their partition stride) and the layers of every pipeline stage, so the
+    result does not depend on the TP/PP layout.
+    """
+    from megatron.core import parallel_state as ps
+
+    chunks = chunks if isinstance(chunks, list) else [chunks]
+    local: Dict[str, torch.Tensor] = {}
+    tp_group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    tp = tp_group.size() if tp_group is not None else 1
+    for chunk in chunks:
+        for name, p, _ in iter_adapter_params(chunk):
+            if name in local:  # tied copy of another virtual chunk
+                continue
+            t = p.detach()
+            dim, stride = _spec_of(chunk, name, p)
+            if dim is not None and tp > 1:
+                shards = [torch.empty_like(t) for _ in range(tp)]
+                dist.all_gather(shards, t.contiguous(), group=tp_group)
+                t = unshard(shards, dim, stride)
+            local[name] = t.to("cpu", ADAPTER_DTYPE).clone()
+    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        gathered: List[Optional[dict]] = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(gathered, local, group=ps.get_pipeline_model_parallel_group())
+        merged: Dict[str, torch.Tensor] = {}
+        for d in gathered:
+            for k, v in d.items():
+                merged.setdefault(k, v)
+        local = merged
+    return dict(sorted(local.items()))
+
+
+def load_adapter_state_dict(chunks: List[nn.Module] | nn.Module, state: Dict[str, torch.Tensor],
+                            strict: bool = True) -> None:
+    """Copy full adapter tensors into this rank's shards (any TP/PP layout)."""
+    from megatron.core import parallel_state as ps
+
+    chunks = chunks if isinstance(chunks, list) else [chunks]
+    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    seen = set()
+    for chunk in chunks:
+        for name, p, _ in iter_adapter_params(chunk):
+            if name not in state:
+                raise KeyError(f"adapter checkpoint has no tensor {name!r}")
+            full = state[name]
+            dim, stride = _spec_of(chunk, name, p)
+            t = shard(full, dim, tp_rank, tp, stride) if dim is not None else full
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"adapter tensor {name!r}: checkpoint shape {tuple(full.shape)} does not fit "
+                    f"this model's {tuple(p.shape)} (shard of TP={tp})")
+            with torch.no_grad():
+                p.copy_(t.to(p.device, p.dtype))
+            seen.add(name)
+    if strict and ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() == 1:
+        extra = sorted(set(state) - seen)
+        if extra:
+            raise KeyError(f"adapter checkpoint has tensors this model lacks: {extra[:5]}")
