@@ -244,12 +244,14 @@ def _spec_of(model: nn.Module, name: str, p: nn.Parameter) -> Tuple[Optional[int
     return None, 1
 
 
-def adapter_state_dict(chunks: List[nn.Module] | nn.Module) -> Dict[str, torch.Tensor]:
+def adapter_state_dict(chunks: List[nn.Module] | nn.Module, grads: bool = False
+                       ) -> Dict[str, torch.Tensor]:
     """Full (unsharded) adapter tensors of the whole model, on the CPU.
 
     Collective: every rank of the model-parallel group must call it. Gathers tensor-parallel
     shards (with their partition stride) and the layers of every pipeline stage, so the
-    result does not depend on the TP/PP layout.
+    result does not depend on the TP/PP layout. ``grads=True`` gathers the gradients of
+    the trainable tensors instead (for tests and diagnostics).
     """
     from megatron.core import parallel_state as ps
 
@@ -261,7 +263,9 @@ def adapter_state_dict(chunks: List[nn.Module] | nn.Module) -> Dict[str, torch.T
         for name, p, _ in iter_adapter_params(chunk):
             if name in local:  # tied copy of another virtual chunk
                 continue
-            t = p.detach()
+            if grads and p.grad is None:
+                continue
+            t = (p.grad if grads else p).detach()
             dim, stride = _spec_of(chunk, name, p)
             if dim is not None and tp > 1:
                 shards = [torch.empty_like(t) for _ in range(tp)]

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def mp1():
+    """Single-process megatron parallel state (TP=PP=DP=1, gloo)."""
+    from tiedlora.dist import init_distributed, shutdown
+    from tiedlora.models.gpt import ParallelConfig
+
+    init_distributed(ParallelConfig(), seed=1234)
+    yield
+    shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    import torch
+
+    torch.manual_seed(0)
+    if "mp1" in request.fixturenames:
+        from tiedlora.dist import set_seed
+
+        set_seed(1234)

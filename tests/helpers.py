@@ -1,0 +1,73 @@
+"""Shared test utilities: tiny models, deterministic adapter perturbation, torchrun launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+from tiedlora.config import compose, to_object
+from tiedlora.models.gpt import ModelConfig, ParallelConfig, build_gpt_model
+from tiedlora.peft import PeftConfig, adapter_state_dict, apply_peft, load_adapter_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = ["lora", "vera", "tl1", "tl2", "tl3", "tl4", "tl5", "tl6", "tl7"]
+ALL_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+            vocab_size=256, make_vocab_size_divisible_by=128, seq_length=64)
+
+
+def tiny_model_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw})
+
+
+def preset(name: str, **overrides) -> PeftConfig:
+    """A preset exactly as composed from conf/peft/<name>.yaml, plus overrides."""
+    ov = [f"peft={name}"] + [f"peft.{k}={v}" for k, v in overrides.items()]
+    return to_object(compose("params", ov)).peft
+
+
+def targets_override(targets) -> str:
+    return "[" + ",".join(targets) + "]"
+
+
+def build(peft_cfg: PeftConfig, model_cfg: ModelConfig | None = None,
+          parallel: ParallelConfig | None = None):
+    model = build_gpt_model(model_cfg or tiny_model_cfg(), parallel or ParallelConfig())
+    return apply_peft(model, peft_cfg)
+
+
+def perturb(model, seed: int = 0, scale: float = 0.2) -> dict:
+    """Give every adapter tensor deterministic non-zero values (same at every TP size)."""
+    full = adapter_state_dict(model)
+    new = {}
+    for name, t in full.items():
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+        new[name] = torch.randn(t.shape, generator=g) * scale + (1.0 if name.endswith((".u", ".v")) else 0.0)
+    load_adapter_state_dict(model, new)
+    return new
+
+
+def batch(vocab: int = 256, b: int = 2, s: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s + 1), generator=g)
+    pos = torch.arange(s).unsqueeze(0).expand(b, -1)
+    return ids[:, :-1].contiguous(), pos, ids[:, 1:].contiguous()
+
+
+def run_torchrun(script: str, nproc: int, out: Path, *args: str, timeout: int = 300) -> dict:
+    """Run tests/dist/<script> under torchrun (gloo, CPU); return rank 0's JSON/pt output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    from tiedlora.dist import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "dist" / script), str(out), *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"{script} (nproc={nproc}) failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return torch.load(out, weights_only=True) if out.suffix == ".pt" else json.loads(out.read_text())

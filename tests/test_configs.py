@@ -1,0 +1,41 @@
+"""Every YAML under conf/ composes with the primary configs that use its group, and validates."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiedlora.config import CONF_DIR, compose, to_object
+
+PRIMARIES = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+GROUP_FILES = sorted(p for p in CONF_DIR.glob("*/*.yaml"))
+
+
+def _groups_of(primary: str) -> set:
+    defaults = yaml.safe_load((CONF_DIR / f"{primary}.yaml").read_text()).get("defaults", [])
+    return {next(iter(d)) for d in defaults if isinstance(d, dict) and "override" not in next(iter(d))}
+
+
+CASES = [(prim, f) for f in GROUP_FILES for prim in PRIMARIES if f.parent.name in _groups_of(prim)]
+
+
+def test_every_group_file_is_used_by_a_primary():
+    covered = {f for _, f in CASES}
+    assert covered == set(GROUP_FILES), sorted(str(f) for f in set(GROUP_FILES) - covered)
+
+
+@pytest.mark.parametrize("primary", PRIMARIES)
+def test_primary_composes(primary):
+    to_object(compose(primary))
+
+
+@pytest.mark.parametrize("primary, path", CASES, ids=[f"{p}:{f.parent.name}/{f.stem}" for p, f in CASES])
+def test_group_file_composes(primary, path: Path):
+    cfg = to_object(compose(primary, [f"{path.parent.name}={path.stem}"]))
+    assert cfg is not None
+
+
+@pytest.mark.parametrize("path", sorted(CONF_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF_DIR)))
+def test_yaml_opens_with_comment_header(path: Path):
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#") and lines[1].startswith("#"), f"{path}: needs a 2-4 line comment header"
