@@ -280,9 +280,10 @@ def megatron_logits(chunks, ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
     model = chunks[0] if isinstance(chunks, list) else chunks
     model.eval()
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    ids = ids.to(next(model.parameters()).device)
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
     with torch.no_grad():
         out = model(ids, pos, None)
         if ps.get_tensor_model_parallel_world_size() > 1:
             out = gather_from_tensor_model_parallel_region(out)
-    return out[..., :vocab].float()
+    return out[..., :vocab].float().cpu()
