@@ -161,37 +161,50 @@ def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     model.tied_adapters = owner
     sp = bool(getattr(model.config, "sequence_parallel", False))
     for layer in layers:
-        idx = layer.layer_number - 1  # global 0-based
         for target in cfg.target_modules:
             parent, attr, base = _find_target(layer, target)
-            mode = _base_mode(base)
-            group = base.tp_group
-            tp_rank, tp_size = group.rank(), group.size()
-            d_in, d_out = base.input_size, base.output_size
-            stride = getattr(base.weight, "partition_stride", 1) if mode == "column" else 1
-            device = base.weight.device
-            specs = factor_specs(mode, d_in, d_out, cfg.rank, stride)
-            adapter = TiedLoRAAdapter(mode, target, layer.layer_number, cfg.scale, cfg.dropout,
-                                      group, sp, owner)
-            for name in FACTORS:
-                fcfg = getattr(cfg, name)
-                if cfg.is_identity(name):
-                    continue
-                init = cfg.resolved_init(name)
-                if name in ("A", "B") and fcfg.tied:
-                    if owner.get(target, name) is None:
-                        owner.put(target, name, _make_param(
-                            specs[name], init, cfg.seed, f"{target}/{name}/tied",
-                            tp_rank, tp_size, device))
-                    continue
-                setattr(adapter, name, _make_param(
-                    specs[name], init, cfg.seed, f"{target}/{name}/layer{idx}",
-                    tp_rank, tp_size, device))
-            if adapter.sequence_parallel:
-                _mark_sequence_parallel(adapter, owner, mode, target)
+            adapter = make_adapter(base, target, layer.layer_number, cfg, owner, sp)
             setattr(parent, attr, AdaptedLinear(base, adapter))
     declare_trainable(model, cfg)
     return model
+
+
+def make_adapter(base: nn.Module, target: str, layer_number: int, cfg: PeftConfig,
+                 owner: TiedFactors, sequence_parallel: bool) -> TiedLoRAAdapter:
+    """The adapter for one megatron-core parallel linear ``base`` (not yet wrapped).
+
+    ``layer_number`` is megatron's global 1-based layer number. Per-layer factors are
+    registered on the returned adapter; tied A/B are created on ``owner`` the first time a
+    target kind is seen and only referenced afterwards. Used by :func:`apply_peft` and by
+    the NeMo integration (``tiedlora.integrations.nemo``), so both build identical factors.
+    """
+    idx = layer_number - 1  # global 0-based
+    mode = _base_mode(base)
+    group = base.tp_group
+    tp_rank, tp_size = group.rank(), group.size()
+    d_in, d_out = base.input_size, base.output_size
+    stride = getattr(base.weight, "partition_stride", 1) if mode == "column" else 1
+    device = base.weight.device
+    specs = factor_specs(mode, d_in, d_out, cfg.rank, stride)
+    adapter = TiedLoRAAdapter(mode, target, layer_number, cfg.scale, cfg.dropout,
+                              group, sequence_parallel, owner)
+    for name in FACTORS:
+        fcfg = getattr(cfg, name)
+        if cfg.is_identity(name):
+            continue
+        init = cfg.resolved_init(name)
+        if name in ("A", "B") and fcfg.tied:
+            if owner.get(target, name) is None:
+                owner.put(target, name, _make_param(
+                    specs[name], init, cfg.seed, f"{target}/{name}/tied",
+                    tp_rank, tp_size, device))
+            continue
+        setattr(adapter, name, _make_param(
+            specs[name], init, cfg.seed, f"{target}/{name}/layer{idx}",
+            tp_rank, tp_size, device))
+    if adapter.sequence_parallel:
+        _mark_sequence_parallel(adapter, owner, mode, target)
+    return adapter
 
 
 def _mark_sequence_parallel(adapter: TiedLoRAAdapter, owner: TiedFactors, mode: str, target: str):
