@@ -16,8 +16,10 @@ What is redirected (measured on megatron-core 0.16.1, see shared/NOTES.md):
   by ``torch.manual_seed``)
 * ``torch.cuda.synchronize`` -> no-op
 * the causal attention mask built with ``device="cuda"`` (``fused_softmax``) -> CPU
-* ``device="cuda"`` in tensor factories inside :func:`cuda_to_cpu` (the pipeline
-  schedules, the megatron optimizer and grad-norm clipping run inside it).
+* ``device="cuda"`` tensor factories in the pipeline schedules and p2p communication
+  (their module-level ``torch`` name is replaced by a thin proxy);
+* anywhere else, inside :func:`cuda_to_cpu` (a torch function mode, for megatron's own
+  optimizer and DDP wrappers, which tiedlora does not need for adapters).
 
 Norms are not patched here: :mod:`tiedlora.models.norm` provides a norm that supports
 sequence parallelism and zero-centred gamma without apex.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 
 import torch
 
@@ -83,11 +86,40 @@ def install() -> bool:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
     fused_softmax.get_default_causal_mask = _causal_mask
+
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+
+    schedules.torch = _CpuTorch()
+    p2p_communication.torch = _CpuTorch()
     mrandom._get_cuda_rng_state = _get_rng_state
     mrandom._set_cuda_rng_state = _set_rng_state
     mrandom.CudaRNGStatesTracker.add = _tracker_add
     _INSTALLED = True
     return True
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as seen by one megatron module: tensor factories asked for ``device="cuda"``
+    get the CPU; everything else is torch itself. Patching a module's ``torch`` name keeps
+    the model's own ops free of any per-call interception."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            dev = kwargs.get("device")
+            if dev is not None and torch.device(dev).type == "cuda":
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
 
 
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):

@@ -172,6 +172,10 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, perform_in
         # (interleaved PP=2): silently wrong results. NCCL is fine either way.
         batch_p2p_comm=on_gpu,
         deallocate_pipeline_outputs=False,
+        # The loss function returns (sum of token losses, token count); gradients are
+        # divided by the global token count of the step (tiedlora.peft.grads), so micro-
+        # and data-parallel batching never changes the update.
+        calculate_per_token_loss=True,
     )
 
 

@@ -8,7 +8,10 @@ coalesced into a single flat buffer per process group:
 2. pipeline parallel: each stage (and each virtual chunk) holds a copy of the tied
    factors -> SUM the copies on this rank, then over the pipeline group, and give every
    copy the total (the factor's gradient is the sum over all L layers);
-3. data parallel: every adapter gradient -> AVERAGE over the data-parallel group.
+3. data parallel: every adapter gradient -> SUM over the data-parallel group, then
+   divided by ``num_tokens`` (the step's supervised tokens over all micro-batches and
+   data-parallel ranks: the loss is a per-token mean over the global batch); without
+   ``num_tokens``, an AVERAGE over the group.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _grads(chunks: List[nn.Module]) -> Dict[str, List[torch.Tensor]]:
 
 
 @torch.no_grad()
-def finalize_adapter_grads(chunks: List[nn.Module] | nn.Module) -> None:
+def finalize_adapter_grads(chunks: List[nn.Module] | nn.Module, num_tokens: int | None = None) -> None:
     from megatron.core import parallel_state as ps
 
     chunks = chunks if isinstance(chunks, list) else [chunks]
@@ -54,8 +57,8 @@ def finalize_adapter_grads(chunks: List[nn.Module] | nn.Module) -> None:
     if not ps.model_parallel_is_initialized():
         return
 
-    # 1. sequence parallel (once per distinct tensor)
-    sp = [ps_[0].grad for ps_ in params.values() if getattr(ps_[0], "sequence_parallel", False)]
+    # 1. sequence parallel (every copy: virtual chunks hold distinct copies of tied factors)
+    sp = [c.grad for copies in params.values() for c in copies if getattr(c, "sequence_parallel", False)]
     _allreduce_(sp, ps.get_tensor_model_parallel_group())
 
     # 2. tied copies across virtual chunks and pipeline stages
@@ -73,18 +76,16 @@ def finalize_adapter_grads(chunks: List[nn.Module] | nn.Module) -> None:
             for c in copies:
                 c.grad.copy_(total)
 
-    # 3. data parallel average
+    # 3. data parallel: sum (then divide by the global token count) or average
     dp_group = ps.get_data_parallel_group()
-    if dist.get_world_size(dp_group) > 1:
-        grads = [ps_[0].grad for ps_ in params.values()]
-        _allreduce_(grads, dp_group, op=dist.ReduceOp.AVG if _avg_ok() else dist.ReduceOp.SUM)
-        if not _avg_ok():
-            for g in grads:
-                g.div_(dist.get_world_size(dp_group))
-        for copies in params.values():  # keep every virtual copy of a tied factor equal
-            for c in copies[1:]:
-                c.grad.copy_(copies[0].grad)
-
-
-def _avg_ok() -> bool:
-    return dist.get_backend() == "nccl"
+    dp = dist.get_world_size(dp_group)
+    grads = [ps_[0].grad for ps_ in params.values()]
+    if dp > 1:
+        _allreduce_(grads, dp_group)
+    divisor = float(num_tokens) if num_tokens is not None else float(dp)
+    if divisor != 1.0:
+        for g in grads:
+            g.div_(divisor)
+    for copies in params.values():  # keep every virtual copy of a tied factor equal
+        for c in copies[1:]:
+            c.grad.copy_(copies[0].grad)

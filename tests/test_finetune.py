@@ -1,0 +1,180 @@
+"""The fine-tuning recipe end to end on the tiny model (CPU, subprocesses, random-init base).
+
+Each test runs ``python -m tiedlora.finetune`` as a user would; a session fixture trains a
+small SentencePiece tokenizer and points TIEDLORA_CACHE at a temporary folder.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import PRESETS, ROOT
+
+TINY_TASK = ["task=mini_qa", "task.num_train=64", "task.num_validation=16", "task.num_test=8",
+             "task.max_length=64", "task.max_new_tokens=4"]
+FAST = ["trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.val_check_interval=0",
+        "eval.before=false", "eval.after=false", "optim.warmup_steps=2", "optim.lr=3e-3"]
+
+
+TINY_PRETRAIN = dict(corpus_sentences=3000, vocab_size=400, seq_length=64, batch_size=8, steps=120,
+                     lr=1e-2, min_lr=1e-3, warmup=10)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """A tiny base pretrained on the generated corpus (the mini-base builder, small settings)."""
+    from tiedlora import mini_base
+    from helpers import tiny_model_cfg
+
+    d = tmp_path_factory.mktemp("ft")
+    e = {**os.environ, "TIEDLORA_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1",
+         "PYTHONWARNINGS": "ignore"}
+    cfg = tiny_model_cfg(vocab_size=512)
+    settings = mini_base.PretrainSettings(**TINY_PRETRAIN)
+    code = ("import json, sys; from tiedlora import mini_base; from tiedlora.models.gpt import ModelConfig; "
+            "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), mini_base.PretrainSettings(**json.loads(sys.argv[2])))")
+    import dataclasses
+
+    subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN)],
+                   env=e, check=True, capture_output=True, timeout=600)
+    os.environ["TIEDLORA_CACHE"] = e["TIEDLORA_CACHE"]
+    base = mini_base.cache_dir(cfg, settings)
+    info = json.loads((base / "info.json").read_text())
+    assert info["final_loss"] < 4.0, info  # it learned something (uniform would be ln 400 = 6.0)
+    return {"env": e, "tokenizer": str(base / "tokenizer.model"), "base": str(base / "base.safetensors"),
+            "dir": d}
+
+
+def finetune(env, *args, check=True, timeout=600):
+    flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
+    args = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, "-m", "tiedlora.finetune", *flags, *base_args(env), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env["env"], capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def base_args(env):
+    return ["model=tiny", f"model.checkpoint={env['base']}", f"model.tokenizer={env['tokenizer']}", *TINY_TASK]
+
+
+def losses(out_dir: Path):
+    return [json.loads(l)["loss"] for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_steps_every_preset_and_comparison_table(env):
+    out = env["dir"] / "presets"
+    res = finetune(env, "-m", f"peft={','.join(PRESETS)}", "trainer.max_steps=2", *FAST,
+                   f"output_dir={out}/${{peft.name}}", "eval.after=true", "eval.limit=4")
+    for name in PRESETS:
+        d = out / name
+        ls = losses(d)
+        assert len(ls) == 2 and all(torch.isfinite(torch.tensor(ls))), (name, ls)
+        rec = json.loads((d / "metrics.jsonl").read_text().splitlines()[0])
+        assert {"step", "loss", "lr"} <= set(rec)
+        r = json.loads((d / "results.json").read_text())
+        assert r["preset"] == name and r["steps"] == 2 and "exact_match" in r["metrics"]
+        assert (d / "adapter.safetensors").is_file()
+        assert list((d / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
+    # the multirun prints one table row per preset
+    table = res.stdout[res.stdout.rindex("preset"):]
+    for name in PRESETS:
+        assert f" {name} " in table
+
+
+def _toy_task(d: Path) -> list:
+    """A toy task a random base can learn fast: a fixed answer after a varying prompt."""
+    import random
+
+    rng = random.Random(0)
+    words = "red blue green cat dog fox lamp boat kite drum".split()
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 64), ("validation", 16), ("test", 8)):
+        lines = [json.dumps({"input": " ".join(rng.choices(words, k=6)), "output": "the answer is blue"})
+                 for _ in range(n)]
+        (d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return [f"task.data_dir={d}", "task.generator=null", "task.name=toy"]
+
+
+def test_loss_decreases_over_30_steps(env):
+    out = env["dir"] / "decrease"
+    toy = _toy_task(env["dir"] / "toy")
+    finetune(env, "-m", "peft=lora,tl6", "trainer.max_steps=30", *FAST, *toy, "optim.lr=1e-2",
+             "peft.target_modules=[linear_qkv,linear_proj,linear_fc1,linear_fc2]",
+             f"output_dir={out}/${{peft.name}}")
+    for name in ("lora", "tl6"):
+        ls = losses(out / name)
+        first, last = sum(ls[:3]) / 3, sum(ls[-3:]) / 3
+        assert last < 0.5 * first, (name, first, last)
+
+
+def test_kill_and_resume_is_bit_exact(env):
+    common = ["peft=tl6", "trainer.max_steps=12", "checkpoint.every_n_steps=4", *FAST]
+    ref_dir, run_dir = env["dir"] / "uninterrupted", env["dir"] / "killed"
+    finetune(env, *common, f"output_dir={ref_dir}")
+    cmd = [sys.executable, "-m", "tiedlora.finetune", *base_args(env), *common, f"output_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) < 12, "run finished before it could be killed"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    finetune(env, *common, f"output_dir={run_dir}")
+    assert losses(run_dir) == losses(ref_dir)  # bit-exact on CPU
+    from tiedlora.checkpoint import load_adapter
+
+    a, _, _ = load_adapter(ref_dir / "adapter.safetensors")
+    b, _, _ = load_adapter(run_dir / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_0000008", "step_0000012"]  # keep_last=2
+
+
+def test_preemption_signal_checkpoints_and_exits_for_requeue(env):
+    common = ["peft=lora", "trainer.max_steps=400", "checkpoint.every_n_steps=0", *FAST]
+    out = env["dir"] / "preempt"
+    cmd = [sys.executable, "-m", "tiedlora.finetune", *base_args(env), *common, f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, stdout[-2000:]
+    step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 3 <= step < 400 and f"checkpoint saved at step {step}" in stdout
+
+
+def test_loading_adapter_of_another_preset_fails_clearly(env):
+    out = env["dir"] / "mismatch"
+    finetune(env, "peft=tl6", "trainer.max_steps=2", *FAST, f"output_dir={out}")
+    res = finetune(env, "peft=lora", "trainer.max_steps=4", *FAST, f"output_dir={out}", check=False)
+    assert res.returncode != 0
+    assert "saved with preset 'tl6' and cannot be loaded into preset 'lora'" in res.stderr
+    res = finetune(env, "peft=tl6", "peft.rank=4", "trainer.max_steps=4", *FAST, f"output_dir={out}", check=False)
+    assert "rank 8 != 4" in res.stderr
+
+
+def test_evaluate_command_reproduces_results(env):
+    out = env["dir"] / "evalcmd"
+    finetune(env, "peft=tl6", "trainer.max_steps=3", *FAST, "eval.after=true", f"output_dir={out}")
+    first = json.loads((out / "results.json").read_text())
+    res = subprocess.run([sys.executable, "-m", "tiedlora.evaluate", f"output_dir={out}"], cwd=ROOT,
+                         env=env["env"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["metrics"] == first["metrics"] and again["preset"] == "tl6"
