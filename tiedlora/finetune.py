@@ -119,7 +119,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, parallel: Parallel
     chunks = build_model_chunks(model_cfg, parallel)
     if weights is not None:
         if Path(weights).suffix == ".safetensors":
-            load_base(chunks, weights)
+            load_base(chunks, weights, model_cfg)
         else:
             from tiedlora.convert import load_base_checkpoint
 
