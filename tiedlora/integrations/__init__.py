@@ -1,0 +1,8 @@
+"""Optional bridges to other training frameworks.
+
+Nothing here is imported by the rest of the package; each submodule needs its framework
+installed and says how to install it when it is missing:
+
+* :mod:`tiedlora.integrations.nemo` -- Tied-LoRA as a NeMo 2 PEFT transform
+  (``pip install -e '.[nemo]' -c requirements-nemo.txt``; see docs/nemo.md).
+"""

@@ -1,0 +1,352 @@
+"""Tied-LoRA as a NeMo 2 PEFT transform (``llm.finetune(..., peft=TiedLoRA("tl6"))``).
+
+This module needs NeMo 2 (nemo_toolkit 2.7.x with ``nemo.collections.llm``); the rest of
+tiedlora never imports it. It adds no second implementation of the method: the adapters
+are tiedlora's own (:class:`~tiedlora.peft.layer.TiedLoRAAdapter`, built by
+:func:`~tiedlora.peft.model.make_adapter`, the function :func:`~tiedlora.peft.apply_peft`
+uses), so both paths compute the same numbers from the same seeded factors::
+
+    NeMo's PEFT.__call__(model)            tiedlora's apply_peft(model, cfg)
+      └─ walk: transform(linear_qkv)         └─ for each layer and target
+           └─ make_adapter(...) ──────────────────► make_adapter(...)
+           └─ TiedLoRALinear(to_wrap, adapter)     └─ AdaptedLinear(base, adapter)
+
+    h = W x + s · v ⊙ B( u ⊙ A(dropout(x)) )        s = alpha / r
+
+Where NeMo and tiedlora meet:
+
+* Tied A/B have one owner per megatron-core model chunk, ``<chunk>.tied_adapters``
+  (registered once, so NeMo's state dict, optimizer and ``named_parameters`` see each
+  tied factor once); the wrapped layers only reference it.
+* Trainability comes from the config flags alone (:func:`~tiedlora.peft.declare_trainable`).
+* NeMo's adapter checkpoints (megatron dist-checkpointing through ``WrappedAdapterIO``)
+  hold every adapter tensor, frozen tied ones included, sharded like the base weights
+  (SwiGLU's stride-2 ``linear_fc1`` included), so they reload at another TP size.
+* :meth:`TiedLoRA.save_adapter` / :meth:`TiedLoRA.load_adapter` convert to and from
+  tiedlora's own layout-independent safetensors format (:mod:`tiedlora.checkpoint`).
+
+Limits: the base must use megatron-core's *local* layer spec (``ColumnParallelLinear`` /
+``RowParallelLinear``; in NeMo ``GPTConfig(transformer_layer_spec=local_layer_spec)``):
+transformer-engine's fused layernorm-linear modules are refused. Tied factors under
+pipeline parallelism are refused too: NeMo's ``finalize_model_grads`` does not sum a tied
+factor's gradient over the stages that hold a copy (tiedlora's own recipe does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+try:
+    from nemo.lightning.pytorch.callbacks.peft import PEFT, AdapterWrapper
+except ImportError as _err:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "tiedlora.integrations.nemo needs NeMo 2 (nemo_toolkit 2.7.x with the LLM collection; "
+        f"importing it failed: {_err}). Install it in its own environment, e.g. "
+        "`pip install torch==2.13.0 && pip install -r requirements-nemo.txt && "
+        "pip install --no-deps -e .` (CPU), or use NVIDIA's NeMo container; see docs/nemo.md. "
+        "The rest of tiedlora does not need NeMo."
+    ) from _err
+
+import torch
+from torch import nn
+
+from tiedlora.peft.config import FACTORS, PeftConfig
+from tiedlora.peft.layer import TiedFactors, TiedLoRAAdapter
+from tiedlora.peft.model import (
+    _base_mode,
+    _find_target,
+    _transformer_layers,
+    adapter_state_dict,
+    declare_trainable,
+    load_adapter_state_dict,
+    make_adapter,
+)
+
+__all__ = ["TiedLoRA", "TiedLoRALinear", "ShardedTiedFactors", "mcore_chunks", "resolve_config"]
+
+_LOCAL_SPEC_HINT = (
+    "In NeMo, build the model with megatron-core's local layer spec, e.g. "
+    "llm.GPTConfig(..., transformer_layer_spec=nemo.collections.llm.gpt.model.base.local_layer_spec)")
+
+
+# ----------------------------------------------------------------------------- config
+def resolve_config(preset: Optional[str], **fields: Any) -> PeftConfig:
+    """A validated :class:`PeftConfig`: ``conf/peft/<preset>.yaml`` (if given) + non-None fields.
+
+    With ``preset=None`` the fields go onto PeftConfig's defaults (the TL6 flags). Factor
+    fields (``A``, ``B``, ``u``, ``v``) are dicts such as ``{"trainable": False}``.
+    """
+    from omegaconf import OmegaConf
+
+    from tiedlora.config import CONF_DIR
+
+    node = OmegaConf.structured(PeftConfig)
+    if preset is not None:
+        path = CONF_DIR / "peft" / f"{preset}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in (CONF_DIR / "peft").glob("*.yaml"))
+            raise ValueError(f"TiedLoRA(preset={preset!r}): no such preset; expected one of {names} "
+                             "or preset=None with explicit flags")
+        node = OmegaConf.merge(node, OmegaConf.load(path))
+    else:
+        node.name = "custom"
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    return OmegaConf.to_object(OmegaConf.merge(node, overrides))
+
+
+# ------------------------------------------------------------------ model structure
+def mcore_chunks(model: nn.Module) -> List[nn.Module]:
+    """The megatron-core model chunks inside a NeMo model, in pipeline order.
+
+    Accepts NeMo's ``MegatronParallel`` (one entry per virtual-pipeline chunk), a NeMo
+    Lightning model (``llm.GPTModel``), wrappers with a ``.module`` (``Float16Module``,
+    DDP) or a bare megatron-core ``GPTModel``; unwraps ``.module`` as NeMo itself does.
+    """
+    roots = list(model) if isinstance(model, nn.ModuleList) else [model]
+    chunks = []
+    for m in roots:
+        while isinstance(getattr(m, "module", None), nn.Module):
+            m = m.module
+        chunks.append(m)
+    return chunks
+
+
+def _sharded(tensors: Dict[str, torch.Tensor], prefix: str, sharded_offsets, metadata, tp_group):
+    """megatron dist-checkpoint entries for adapter tensors, sharded as they are held.
+
+    Tensors marked tensor-parallel are split on their ``partition_dim``; stride 2 (SwiGLU's
+    ``linear_fc1``: each rank holds [gate_r; up_r]) uses megatron's SwiGLU factory, exactly
+    as megatron-core does for the fc1 weight, so the saved tensor is the unsharded one.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+    from megatron.core.transformer.utils import (
+        ensure_metadata_has_dp_cp_group,
+        make_sharded_tensors_for_checkpoint,
+    )
+
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    axis = {n: t.partition_dim for n, t in tensors.items() if getattr(t, "tensor_model_parallel", False)}
+    out = make_sharded_tensors_for_checkpoint(
+        tensors, prefix, axis, sharded_offsets,
+        tp_group=tp_group if tp_group is not None else ps.get_tensor_model_parallel_group(),
+        dp_cp_group=metadata["dp_cp_group"])
+    for n, dim in axis.items():
+        stride = getattr(tensors[n], "partition_stride", 1)
+        if stride == 2 and dim == 0:
+            out[prefix + n] = apply_swiglu_sharded_factory(out[prefix + n], sharded_offsets)
+        elif stride != 1:
+            raise NotImplementedError(
+                f"adapter tensor {prefix}{n}: partition stride {stride} on dim {dim} has no "
+                "dist-checkpoint layout (megatron-core only defines SwiGLU's stride 2 on dim 0)")
+    return out
+
+
+class ShardedTiedFactors(TiedFactors):
+    """:class:`TiedFactors` that megatron's dist-checkpointing (NeMo's checkpoints) can save."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        return _sharded(self.state_dict(keep_vars=True), prefix, sharded_offsets, metadata, None)
+
+
+class TiedLoRALinear(AdapterWrapper):
+    """NeMo's wrapper around one parallel linear: ``(W x + ΔW x, bias)``.
+
+    Same contract as :class:`tiedlora.peft.layer.AdaptedLinear`; state-dict keys follow
+    NeMo (base weights under the linear's own name, adapter tensors under ``adapter.``).
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out, bias, ln_out = self.base_linear_forward(x, *args, **kwargs)
+        return out + self.adapter(ln_out).to(out.dtype), bias
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        sd = self.to_wrap.sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = self.adapter.state_dict(keep_vars=True)  # per-layer factors; tied ones live on the owner
+        sd.update(_sharded(own, f"{prefix}adapter.", sharded_offsets, metadata, self.adapter.tp_group))
+        return sd
+
+    def __getattr__(self, name: str):
+        # megatron-core reads attributes of the linear it built (weight, config, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("to_wrap"), name)
+
+
+# -------------------------------------------------------------------------- the PEFT
+@dataclass
+class TiedLoRA(PEFT):
+    """Tied-LoRA (and LoRA, VeRA, TL1-TL7) as a NeMo 2 PEFT transform.
+
+    ``preset`` loads ``conf/peft/<preset>.yaml`` (lora, vera, tl1 ... tl7); every other
+    field, when not None, overrides it, with the names and meaning of
+    :class:`tiedlora.peft.PeftConfig`. ``preset=None`` starts from PeftConfig's defaults.
+
+    >>> peft = TiedLoRA("tl6", rank=8, target_modules=["linear_qkv"])
+    >>> llm.finetune(model=model, data=data, trainer=trainer, peft=peft)   # doctest: +SKIP
+    """
+
+    preset: Optional[str] = "tl6"  # conf/peft/<preset>.yaml; None: explicit flags only
+    rank: Optional[int] = None  # r
+    alpha: Optional[float] = None  # s = alpha / r (None: the preset's value)
+    dropout: Optional[float] = None  # on the adapter input
+    target_modules: Optional[List[str]] = None  # subset of linear_qkv, linear_proj, linear_fc1, linear_fc2
+    seed: Optional[int] = None  # seeds frozen random factors and all inits
+    A: Optional[Dict[str, Any]] = None  # e.g. {"trainable": True, "tied": True, "init": None}
+    B: Optional[Dict[str, Any]] = None
+    u: Optional[Dict[str, Any]] = None
+    v: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self):
+        self._cfg = resolve_config(
+            self.preset, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+            target_modules=None if self.target_modules is None else list(self.target_modules),
+            seed=self.seed, **{f: getattr(self, f) for f in FACTORS})
+        self._plan: Optional[dict] = None
+
+    @property
+    def peft_config(self) -> PeftConfig:
+        """The resolved, validated adapter configuration."""
+        return self._cfg
+
+    # -- applying ---------------------------------------------------------------------
+    def __call__(self, model: nn.Module) -> nn.Module:
+        """Freeze ``model`` and wrap every target linear (NeMo calls this on its model)."""
+        from megatron.core import parallel_state as ps
+
+        from tiedlora import compat
+
+        cfg = self._cfg
+        compat.install()
+        _install_cpu_compat()
+        if (ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1
+                and (cfg.A.tied or cfg.B.tied)):
+            raise NotImplementedError(
+                f"TiedLoRA({cfg.name!r}): tied A/B under pipeline parallelism is not supported in "
+                "NeMo (its finalize_model_grads does not sum a tied factor's gradient over the "
+                "stages); use pipeline_model_parallel_size=1, or tiedlora's own recipe")
+        try:
+            chunks = self._plan_chunks(model)
+            if hasattr(model, "walk"):  # NeMo containers: NeMo's own freeze + walk
+                super().__call__(model)
+            else:  # a bare megatron-core module has no FNMixin
+                from nemo.collections.llm import fn
+
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                fn.walk(model, self.transform)
+        finally:
+            self._plan = None
+        inference = not _fitting(model)  # NeMo freezes everything outside trainer.fit
+        for chunk in chunks:
+            declare_trainable(chunk, cfg)
+            if inference:
+                for p in chunk.parameters():
+                    p.requires_grad_(False)
+        return model
+
+    def _plan_chunks(self, model: nn.Module) -> List[nn.Module]:
+        """Give each chunk its owner of tied factors; map every target linear to its layer."""
+        cfg = self._cfg
+        self._plan = {}
+        chunks = mcore_chunks(model)
+        for chunk in chunks:
+            if any(isinstance(m, TiedLoRAAdapter) for m in chunk.modules()):
+                raise ValueError("model already has tiedlora adapters; start from a fresh base model")
+            chunk.tied_adapters = ShardedTiedFactors()
+            chunk.peft_config = cfg
+            sp = bool(getattr(getattr(chunk, "config", None), "sequence_parallel", False))
+            for layer in _transformer_layers(chunk):
+                for target in cfg.target_modules:
+                    _, _, base = _find_target(layer, target)
+                    try:
+                        _base_mode(base)
+                    except TypeError as e:
+                        raise TypeError(f"{e}. {_LOCAL_SPEC_HINT}") from None
+                    self._plan[id(base)] = (chunk.tied_adapters, target, layer.layer_number, sp)
+        return chunks
+
+    def transform(self, module: nn.Module, name: Optional[str] = None, prefix: Optional[str] = None):
+        """Wrap ``module`` if it is a target linear found by :meth:`__call__`; else return it."""
+        if self._plan is None:
+            raise RuntimeError("TiedLoRA.transform is called by TiedLoRA.__call__(model) only: the "
+                               "tied factors need their owner on the model chunk")
+        entry = self._plan.get(id(module))
+        if entry is None:
+            return module
+        owner, target, layer_number, sp = entry
+        return TiedLoRALinear(module, make_adapter(module, target, layer_number, self._cfg, owner, sp))
+
+    def adapter_key_filter(self, key) -> bool:
+        """Which checkpoint keys are adapter state: the tied-factor owner, then NeMo's rule.
+
+        The owner's tensors are kept even when frozen (VeRA's random A/B), so a NeMo
+        checkpoint restores exactly the adapter that was trained.
+        """
+        if isinstance(key, str) and ".tied_adapters." in f".{key}":
+            return True
+        if isinstance(key, tuple) or hasattr(self, "params_to_save"):
+            return super().adapter_key_filter(key)
+        return ".adapter." in key  # before NeMo's trainer has set params_to_save
+
+    # -- tiedlora's own checkpoint format --------------------------------------------
+    def adapter_state_dict(self, model: nn.Module, grads: bool = False) -> Dict[str, torch.Tensor]:
+        """Full adapter tensors by layout-independent name (collective over model parallel)."""
+        return adapter_state_dict(mcore_chunks(model), grads=grads)
+
+    def load_adapter_state_dict(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+        load_adapter_state_dict(mcore_chunks(model), state)
+
+    def save_adapter(self, model: nn.Module, path, model_info: Optional[dict] = None,
+                     extra: Optional[dict] = None) -> Path:
+        """Write the adapter in tiedlora's safetensors format (collective; rank 0 writes)."""
+        import torch.distributed as dist
+
+        from tiedlora.checkpoint import save_adapter
+        from tiedlora.dist import is_main
+
+        tensors = self.adapter_state_dict(model)
+        if is_main():
+            save_adapter(Path(path), tensors, self._cfg, model_info, extra)
+        if dist.is_initialized():
+            dist.barrier()
+        return Path(path)
+
+    def load_adapter(self, model: nn.Module, path) -> dict:
+        """Load a tiedlora adapter file into a NeMo-transformed model; returns its metadata.
+
+        Refuses a file saved under another preset, rank or targets.
+        """
+        from tiedlora.checkpoint import check_compatible, load_adapter
+
+        tensors, saved, meta = load_adapter(Path(path))
+        check_compatible(saved, self._cfg, where=str(path))
+        self.load_adapter_state_dict(model, tensors)
+        return meta
+
+
+def _fitting(model: nn.Module) -> bool:
+    """False only when a trainer is attached and is not fitting (validation, inference)."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    try:
+        trainer = model.trainer
+    except (AttributeError, RuntimeError):  # Lightning raises RuntimeError when detached
+        return True
+    return trainer is None or trainer.state.fn == TrainerFn.FITTING
+
+
+def _install_cpu_compat() -> None:
+    """Let NeMo's checkpoint loading run without CUDA (no-op when CUDA is available).
+
+    ``nemo.lightning.io.pl._fix_tensors_device`` asserts an initialised CUDA context and
+    moves loaded tensors to the current CUDA device; on the CPU there is nothing to move.
+    """
+    if torch.cuda.is_available():
+        return
+    from nemo.lightning.io import pl as nemo_pl
+
+    nemo_pl._fix_tensors_device = lambda ckpt: ckpt
