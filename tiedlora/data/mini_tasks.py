@@ -6,7 +6,8 @@ dictionary to English) feeds two things:
 
     pretraining_corpus(n, seed)  plain sentences about the world: facts, stories,
                                  dialogues, arithmetic facts written with digits, a
-                                 Velan glossary, Velan and English sentences.
+                                 Velan glossary, Velan and English sentences, and
+                                 quoted Velan/English pairs ('"..." is Velan for "..."').
                                  No task format marker ("Context:", "Answer:", "####",
                                  ...) and no task instance ever appears in it.
     TASKS[name].generator(n, seed) -> [{"input", "output"(, "choices", "label")}]
@@ -24,7 +25,8 @@ Every example stays within ``MAX_CHARS = 190`` characters of input + output (at 
 about 55 pieces of a 1000-piece SentencePiece vocabulary trained on the corpus). A base pretrained on the corpus knows
 the words and facts but has never seen a task format, so it scores near 0 before
 fine-tuning. Velan sentences are split between the corpus and the translation task by
-the parity of their CRC-32, so no translation pair can leak into the corpus.
+the parity of their CRC-32, so no translation pair can leak into the corpus (English
+determines Velan, so no English side can either).
 
 ``write_task(name, out_dir, n_train, n_val, n_test, seed)`` writes the three JSONL
 splits atomically. Splits come from disjoint seeds (``3*seed + {0,1,2}``); the test
@@ -159,8 +161,8 @@ def _velan_pair(rng: random.Random) -> tuple[str, str]:
 
 def _corpus_line(rng: random.Random) -> str:
     kind = rng.choices(
-        ("fact", "sound", "story", "dialogue", "number", "glossary", "velan", "english", "misc"),
-        weights=(20, 8, 16, 16, 14, 10, 6, 6, 6),
+        ("fact", "sound", "story", "dialogue", "number", "glossary", "velan", "english", "bilingual", "misc"),
+        weights=(20, 8, 16, 16, 14, 8, 4, 4, 6, 8),
     )[0]
     p = WORLD[rng.choice(PEOPLE)]
     q = WORLD[rng.choice([n for n in PEOPLE if n != p.name])]
@@ -199,6 +201,10 @@ def _corpus_line(rng: random.Random) -> str:
             f"{p.name} put the {c} {o} in a box. Later, {q.name} opened the box.",
             f"After work at the {p.place}, {p.name} went home to {p.city}.",
             f"{p.name} told a story about {_a(c)} {a} that lived near the {pl}.",
+            # facts stated, then used again: reading back from the context
+            f"{p.name} met {q.name} at the {pl}. {q.name} gave {p.name} {_a(c)} {o}, and {p.name} took the {c} {o} home.",
+            f"{p.name} has {n} {it} and {q.name} has none. {p.name} keeps the {n} {it} in {_a(c)} {o}.",
+            f"{_cap(_a(c))} {a} lives near the {pl}. Every {d}, the {c} {a} {ANIMALS[a]} at the {pl}.",
         ))
     if kind == "dialogue":
         return rng.choice((
@@ -260,9 +266,11 @@ def _corpus_line(rng: random.Random) -> str:
             f"Endings of sad stories make {p.name} cry.",
             f"Context helps {p.name} read the story.",
         ))
-    while True:  # a Velan or English sentence, from the corpus side of the split only
+    while True:  # Velan and/or English, from the corpus side of the split only
         english, velan = _velan_pair(rng)
         if not _is_task_side(velan):
+            if kind == "bilingual":
+                return f'"{velan}" is Velan for "{english}"'
             return velan if kind == "velan" else english
 
 
