@@ -6,7 +6,7 @@ here — a SentencePiece tokenizer trained on the generated corpus
 of the GPT on packed corpus text — and cached under
 ``$TIEDLORA_CACHE/mini_base/<hash>/`` (``base.safetensors``, ``tokenizer.model``,
 ``info.json``). The hash covers the architecture, the pretraining settings and the
-corpus, so changing any of them builds a new base. The corpus never contains a task
+corpus generator's source, so changing any of them builds a new base. The corpus never contains a task
 instance, so fine-tuning starts from a model that has never seen the task formats.
 
 Run by hand (it is also run automatically, once)::
@@ -60,11 +60,18 @@ def _arch(model_cfg) -> dict:
     return d
 
 
+def _corpus_fingerprint() -> str:
+    """Hash of the corpus generator's source: any change to the generated text rebuilds."""
+    from tiedlora.data import mini_tasks
+
+    return hashlib.sha256(Path(mini_tasks.__file__).read_bytes()).hexdigest()[:16]
+
+
 def cache_dir(model_cfg, settings: PretrainSettings = SETTINGS) -> Path:
     from tiedlora.tasks import cache_root
 
-    key = json.dumps({"v": VERSION, "arch": _arch(model_cfg), "pretrain": dataclasses.asdict(settings)},
-                     sort_keys=True)
+    key = json.dumps({"v": VERSION, "arch": _arch(model_cfg), "pretrain": dataclasses.asdict(settings),
+                      "corpus": _corpus_fingerprint()}, sort_keys=True)
     return cache_root() / "mini_base" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
