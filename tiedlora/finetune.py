@@ -515,6 +515,9 @@ def main() -> None:
     from tiedlora.config import CONF_DIR, register_configs, to_object
 
     register_configs()
+    from tiedlora.launch.hydra_slurm import register as register_slurm_launcher
+
+    register_slurm_launcher()  # hydra/launcher=slurm (conf/launcher clusters; needs the `slurm` extra)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
     def _run(dcfg):
