@@ -60,7 +60,7 @@ def split_arguments(items: Sequence[str]) -> Tuple[List[str], List[str], List[st
                 raise ValueError(f"{a!r}: the submit command sets output_dir per job; use --sweep-dir")
             overrides.append(a)
         else:
-            found = sorted(glob.glob(a)) if glob.has_magic(a) else [a]
+            found = sorted(glob.glob(a, recursive=True)) if glob.has_magic(a) else [a]
             if not found:
                 raise ValueError(f"{a!r}: no recipe file matches")
             for f in found:
@@ -96,8 +96,8 @@ def _slug(text: str) -> str:
 
 
 def job_name(index: int, recipe: Optional[str], varying: Sequence[str]) -> str:
-    """``007-squad_lora_r8``-style names: index, recipe stem, then what varies across the sweep."""
-    parts = [Path(recipe).stem] if recipe else []
+    """``007-squad_lora_r8``-style names: index, recipe label, then what varies across the sweep."""
+    parts = [recipe] if recipe else []
     for ov in varying:
         key, _, value = ov.partition("=")
         key = key.lstrip("+~")
@@ -114,12 +114,16 @@ def build_jobs(recipes: Sequence[str], overrides: Sequence[str], sweep_dir: Path
         for i in range(len(combos[0])):
             if len({c[i] for c in combos}) > 1:
                 varying_keys.add(i)
+    # recipes/<model>/<task>/<preset>_r<rank>.yaml: name them by the folders that differ too
+    parents = {str(Path(r).parent) for r in recipes}
     jobs = []
     for recipe in (recipes or [None]):
+        label = None
+        if recipe and len(recipes) > 1:
+            label = f"{Path(recipe).parent.name}_{Path(recipe).stem}" if len(parents) > 1 else Path(recipe).stem
         for combo in combos:
             i = len(jobs)
-            name = job_name(i, recipe if len(recipes) > 1 else None,
-                            [ov for k, ov in enumerate(combo) if k in varying_keys])
+            name = job_name(i, label, [ov for k, ov in enumerate(combo) if k in varying_keys])
             out = str(sweep_dir / name)
             args = []
             if recipe:
@@ -141,11 +145,13 @@ def covering_jobs(jobs: Sequence[JobSpec]) -> List[JobSpec]:
     return picked
 
 
-def validate(jobs: Sequence[JobSpec]) -> None:
+def validate(jobs: Sequence[JobSpec]) -> List[str]:
     """Compose configs as the jobs will (catches a typo before hundreds of jobs start).
 
     Composing takes ~0.5 s, so only :func:`covering_jobs` are composed: each recipe file and each
-    override value once (a 5 x 4 x 9 grid: 16 compositions instead of 180).
+    override value once (a 5 x 4 x 9 grid: 16 compositions instead of 180). Returns the
+    environment variables the configs read (``${oc.env:NAME}``) that are not set here; the jobs
+    inherit the submitting shell's environment, so they must be exported before submitting.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -153,26 +159,35 @@ def validate(jobs: Sequence[JobSpec]) -> None:
     from tiedlora.config import CONF_DIR, register_configs, to_object
 
     register_configs()
-    before = os.environ.get(OUTPUT_DIR_ENV)
-    for j in covering_jobs(jobs):
-        os.environ[OUTPUT_DIR_ENV] = j.output_dir
+    saved = dict(os.environ)
+    missing: List[str] = []
+    try:
+        for j in covering_jobs(jobs):
+            os.environ[OUTPUT_DIR_ENV] = j.output_dir
+            ovs = [a for a in j.args if not a.startswith("--config-")]
+            name, primary = "finetune", CONF_DIR
+            if j.recipe:  # as --config-dir/--config-name do: the recipe's folder first, then conf/
+                name, primary = Path(j.recipe).stem, Path(j.recipe).parent
+                ovs.append(f"hydra.searchpath=[{hydra_quote('file://' + str(CONF_DIR))}]")
+            for _ in range(10):
+                GlobalHydra.instance().clear()
+                try:
+                    with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
+                        to_object(compose(config_name=name, overrides=ovs))
+                    break
+                except Exception as e:  # noqa: BLE001 - reported with the job it belongs to
+                    m = re.search(r"Environment variable '(\w+)' not found", str(e))
+                    if m and m.group(1) not in os.environ:  # set on the cluster side: check the rest
+                        missing.append(m.group(1))
+                        os.environ[m.group(1)] = f"<{m.group(1)}>"
+                        continue
+                    raise ValueError(f"job {j.name} ({' '.join(j.overrides)}"
+                                     f"{' recipe ' + j.recipe if j.recipe else ''}): {e}") from e
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
         GlobalHydra.instance().clear()
-        ovs = [a for a in j.args if not a.startswith("--config-")]
-        name, primary = "finetune", CONF_DIR
-        if j.recipe:  # as --config-dir/--config-name do: the recipe's folder first, then conf/
-            name, primary = Path(j.recipe).stem, Path(j.recipe).parent
-            ovs.append(f"hydra.searchpath=[{hydra_quote('file://' + str(CONF_DIR))}]")
-        try:
-            with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
-                to_object(compose(config_name=name, overrides=ovs))
-        except Exception as e:  # noqa: BLE001 - reported with the job it belongs to
-            raise ValueError(f"job {j.name} ({' '.join(j.overrides)}"
-                             f"{' recipe ' + j.recipe if j.recipe else ''}): {e}") from e
-        finally:
-            os.environ.pop(OUTPUT_DIR_ENV, None)
-    if before is not None:
-        os.environ[OUTPUT_DIR_ENV] = before
-    GlobalHydra.instance().clear()
+    return missing
 
 
 # ---------------------------------------------------------------------- scripts
@@ -347,8 +362,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  f"{shlex.quote(str(sweep_dir))}); pass --force to submit into it again "
                                  "(runs resume from their checkpoints)")
         jobs = build_jobs(recipes, overrides, sweep_dir)
-        if not args.no_validate:
-            validate(jobs)
+        missing = [] if args.no_validate else validate(jobs)
+        if missing:
+            msg = (f"the configs read environment variable(s) {', '.join(missing)}, unset here; the jobs "
+                   "inherit this shell's environment: export them first")
+            if not args.dry_run:
+                raise ValueError(msg)
+            print(f"warning: {msg}", file=sys.stderr)
     except ValueError as e:
         print(f"tiedlora.submit: error: {e}", file=sys.stderr)
         return 2
@@ -364,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{cluster.ntasks_per_node} task(s), time {cluster.time})")
     for j in jobs:
         print(f"  {j.name}: {' '.join(j.overrides) or '(recipe defaults)'}"
-              + (f"  [{Path(j.recipe).name}]" if j.recipe else ""))
+              + (f"  [{Path(j.recipe).parent.name}/{Path(j.recipe).name}]" if j.recipe else ""))
     if args.dry_run:
         print("dry run: nothing submitted; would run:")
         for item in plan:
