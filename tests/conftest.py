@@ -25,3 +25,11 @@ def _seed(request):
         from tiedlora.dist import set_seed
 
         set_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """The tiny pretrained base (built once per session) for end-to-end fine-tuning tests."""
+    from helpers import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("ft"))

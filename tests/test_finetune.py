@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PRESETS, ROOT
+from helpers import PRESETS, ROOT, tiny_base_args
 
 TINY_TASK = ["task=mini_qa", "task.num_train=64", "task.num_validation=16", "task.num_test=8",
              "task.max_length=64", "task.max_new_tokens=4"]
@@ -23,33 +23,10 @@ FAST = ["trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.va
         "eval.before=false", "eval.after=false", "optim.warmup_steps=2", "optim.lr=3e-3"]
 
 
-TINY_PRETRAIN = dict(corpus_sentences=3000, vocab_size=400, seq_length=64, batch_size=8, steps=120,
-                     lr=1e-2, min_lr=1e-3, warmup=10)
-
-
 @pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    """A tiny base pretrained on the generated corpus (the mini-base builder, small settings)."""
-    from tiedlora import mini_base
-    from helpers import tiny_model_cfg
-
-    d = tmp_path_factory.mktemp("ft")
-    e = {**os.environ, "TIEDLORA_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1",
-         "PYTHONWARNINGS": "ignore"}
-    cfg = tiny_model_cfg(vocab_size=512)
-    settings = mini_base.PretrainSettings(**TINY_PRETRAIN)
-    code = ("import json, sys; from tiedlora import mini_base; from tiedlora.models.gpt import ModelConfig; "
-            "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), mini_base.PretrainSettings(**json.loads(sys.argv[2])))")
-    import dataclasses
-
-    subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN)],
-                   env=e, check=True, capture_output=True, timeout=600)
-    os.environ["TIEDLORA_CACHE"] = e["TIEDLORA_CACHE"]
-    base = mini_base.cache_dir(cfg, settings)
-    info = json.loads((base / "info.json").read_text())
-    assert info["final_loss"] < 4.0, info  # it learned something (uniform would be ln 400 = 6.0)
-    return {"env": e, "tokenizer": str(base / "tokenizer.model"), "base": str(base / "base.safetensors"),
-            "dir": d}
+def env(tiny_base):
+    """A tiny base pretrained on the generated corpus (shared: tests/conftest.py)."""
+    return tiny_base
 
 
 def finetune(env, *args, check=True, timeout=600):
@@ -63,7 +40,7 @@ def finetune(env, *args, check=True, timeout=600):
 
 
 def base_args(env):
-    return ["model=tiny", f"model.checkpoint={env['base']}", f"model.tokenizer={env['tokenizer']}", *TINY_TASK]
+    return [*tiny_base_args(env), *TINY_TASK]
 
 
 def losses(out_dir: Path):
