@@ -1,0 +1,5 @@
+"""``python -m tiedlora.prepare_data task=<name> ...`` (see the package docstring)."""
+
+from tiedlora.prepare_data import main
+
+main()
