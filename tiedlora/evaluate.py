@@ -3,11 +3,11 @@
 Usage::
 
     # the run directory of a fine-tune: its config.yaml and final adapter are used
-    python -m tiedlora.evaluate output_dir=outputs/mini_qa/tl6_r8
+    python -m tiedlora.evaluate output_dir=outputs/mini_sum/mini_tl6_r8
     # a given adapter file with an explicit config
-    python -m tiedlora.evaluate task=mini_qa model=mini adapter=path/adapter.safetensors output_dir=outputs/eval
+    python -m tiedlora.evaluate task=mini_sum model=mini adapter=path/adapter.safetensors output_dir=outputs/eval
     # TP=2 on CPU
-    torchrun --nproc_per_node 2 -m tiedlora.evaluate output_dir=outputs/mini_qa/tl6_r8 parallel.tp=2
+    torchrun --nproc_per_node 2 -m tiedlora.evaluate output_dir=outputs/mini_sum/mini_tl6_r8 parallel.tp=2
 
 Writes ``<output_dir>/results.json`` (task, model, preset, rank, trainable parameters,
 metrics, steps, wall time) and ``<output_dir>/predictions.jsonl``.
