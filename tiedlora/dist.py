@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,32 @@ def detect_env() -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
+def die_with_launcher() -> bool:
+    """Under torchrun, make this worker die (SIGKILL) when its launcher dies.
+
+    torchrun starts every worker in a session of its own (``start_new_session=True``), so
+    when the launcher alone is killed (``kill -9`` of torchrun, an OOM kill) the workers
+    are orphaned and keep training, writing metrics and checkpoints into the output
+    directory that a rerun then resumes from, concurrently. Linux ``prctl``; a no-op
+    elsewhere and without torchrun (Slurm's ``srun`` kills the whole step itself).
+    Returns whether it is armed.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the launcher died before we armed it
+        os._exit(1)
+    return True
+
+
 def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> DistEnv:
     """Initialise torch.distributed and megatron's parallel state for ``parallel``.
 
@@ -78,6 +106,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> DistEnv:
     compat.install()
     env = detect_env()
     if not dist.is_initialized():
+        die_with_launcher()
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if compat.cuda_available():
