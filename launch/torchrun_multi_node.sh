@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$MASTER_ADDR" ] && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 NPROC=${NPROC:-0}; [ "$NPROC" -ge 1 ] || NPROC=1

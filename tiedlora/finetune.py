@@ -425,9 +425,9 @@ def _print_summary(r: dict, train_wall: float) -> None:
         b = f"{before[k]:.1f}" if k in before else "n/a"
         a = f"{after[k]:.1f}" if k in after else "n/a"
         print(f"{k:>10}: before {b:>6}  ->  after {a:>6}")
-    if not after:
+    if not after and r["layout"]["pp"] > 1:  # not when eval.after=false at pp=1
         print("evaluation skipped (pipeline parallel): python -m tiedlora.evaluate "
-              f"output_dir=... parallel.pp=1")
+              f"output_dir={Path(r['adapter']).parent} parallel.pp=1 parallel.vpp=null")
     print(f"steps: {r['steps']}{' (early stop)' if r['stopped_early'] else ''}; adapter: {r['adapter_selected']}")
     print(f"wall time: {r['wall_time_s']:.0f} s (training {train_wall:.0f} s at "
           f"{r['tokens_per_s']:,.0f} tokens/s, evaluation {r['eval_time_s']:.0f} s)")

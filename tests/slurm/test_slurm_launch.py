@@ -45,8 +45,6 @@ def test_two_task_tp2_job_through_srun_then_evaluation_job_after_it(tiny, tmp_pa
     res = json.loads((out / "results.json").read_text())
     assert res["layout"]["tp"] == 2 and res["steps"] == 4 and res["preset"] == "tl6"
     assert "exact_match" in res["metrics"]  # written by the evaluation job (training had eval.after=false)
-    text = logs(sweep)
-    assert "world size" not in text.lower() or "error" not in text.lower()
     # the odd folder name arrived literally: nothing was executed, logs landed in it
     assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
     assert len(list((sweep / "logs").glob("train-*.out"))) == 1

@@ -132,7 +132,7 @@ def render_script(cluster: ClusterConfig, jobs: Sequence[JobSpec], *, kind: str,
     for k, v in cluster.env.items():
         out.append(f"export {k}={q(v)}")
     out += ["# rendezvous of the ranks (tiedlora/dist.py, torchrun): first node of the job, port from the job id",
-            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
             "export MASTER_ADDR",
             "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))", "",
             'case "${SLURM_ARRAY_TASK_ID:-%d}" in' % jobs[0].index]
