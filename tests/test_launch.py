@@ -165,8 +165,8 @@ def test_torchrun_mode_and_container_flags(tmp_path):
 
 
 def test_one_script_per_job_with_eval_after_each(tmp_path):
-    res = submit("--dry-run", "--no-validate", "--no-array", "--eval", "--sweep-dir", str(tmp_path / "p"),
-                 "launcher=local", "peft=lora,tl6")
+    res = submit("launcher=local", "--dry-run", "--no-validate", "--no-array", "trainer.max_steps=5", "--eval",
+                 "--sweep-dir", str(tmp_path / "p"), "peft=lora,tl6")  # options and overrides intermixed
     names = sorted(p.name for p in (tmp_path / "p" / "slurm").iterdir())
     assert names == ["eval-000-lora.sbatch", "eval-001-tl6.sbatch", "train-000-lora.sbatch", "train-001-tl6.sbatch"]
     assert "'--dependency=afterok:<job id of train-000-lora.sbatch>'" in res.stdout

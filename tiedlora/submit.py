@@ -255,7 +255,8 @@ def job_ids(item: dict) -> Dict[int, str]:
 def _squeue(ids: Sequence[str]) -> Dict[str, str]:
     if not ids:
         return {}
-    res = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(ids)],
+    # -t all: finished jobs too, while slurmctld still holds them (MinJobAge); sacct has the rest
+    res = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(ids)],
                          capture_output=True, text=True)
     states = {}
     for line in res.stdout.splitlines():
@@ -340,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         print_status(Path(argv[1]))
         return 0
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # options and overrides in any order
     try:
         recipes, overrides, launcher_ovs = split_arguments(args.items)
         name = "local"

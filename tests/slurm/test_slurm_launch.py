@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, logs, manifest, submit, submitted_ids, wait_jobs
+from slurm_util import ROOT, job_records, logs, manifest, submit, submitted_ids, wait_jobs
 
 pytestmark = pytest.mark.slurm
 
@@ -94,8 +94,6 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(
         assert time.time() < deadline, logs(sweep)
         time.sleep(0.2)
     # Bring the time limit close: Slurm's warning is now due and arrives within its ~30 s tick.
-    from conftest import job_records
-
     elapsed = _seconds(job_records(jid)[jid]["RunTime"])
     limit_min = math.ceil((elapsed + 70) / 60)
     assert limit_min * 60 - lead <= elapsed
