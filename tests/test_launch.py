@@ -199,7 +199,8 @@ def test_dry_run_of_the_gpt2b_recipe_grid(tmp_path):
     assert len({j["recipe"] for j in m["jobs"]}) == 180
     squad = next(j for j in m["jobs"] if j["recipe"].endswith("squad/tl6_r8.yaml"))
     assert squad["name"].endswith("-squad_tl6_r8")
-    assert squad["args"][:2] == [f"--config-dir={ROOT / 'recipes' / 'gpt2b_001' / 'squad'}", "--config-name=tl6_r8"]
+    # the container has the repository at its workdir: recipe folders go relative to it
+    assert squad["args"][:2] == ["--config-dir=recipes/gpt2b_001/squad", "--config-name=tl6_r8"]
 
 
 def test_validation_names_the_bad_job(tmp_path):

@@ -107,7 +107,10 @@ def job_name(index: int, recipe: Optional[str], varying: Sequence[str]) -> str:
     return f"{index:03d}-" + _slug("_".join(parts))[:80] if parts else f"{index:03d}"
 
 
-def build_jobs(recipes: Sequence[str], overrides: Sequence[str], sweep_dir: Path) -> List[JobSpec]:
+def build_jobs(recipes: Sequence[str], overrides: Sequence[str], sweep_dir: Path,
+               recipe_root: Optional[Path] = None) -> List[JobSpec]:
+    """The runs: recipes x Hydra sweep. ``recipe_root``: pass recipe folders relative to it (the
+    repository, which a container has at its own path: ``--container-workdir``)."""
     combos = expand_overrides(overrides)
     varying_keys = set()
     if len(combos) > 1:
@@ -127,7 +130,10 @@ def build_jobs(recipes: Sequence[str], overrides: Sequence[str], sweep_dir: Path
             out = str(sweep_dir / name)
             args = []
             if recipe:
-                args += [f"--config-dir={Path(recipe).parent}", f"--config-name={Path(recipe).stem}"]
+                folder = Path(recipe).parent
+                if recipe_root is not None and folder.is_relative_to(recipe_root):
+                    folder = folder.relative_to(recipe_root)
+                args += [f"--config-dir={folder}", f"--config-name={Path(recipe).stem}"]
             args += [*combo, OUTPUT_DIR_OVERRIDE]
             jobs.append(JobSpec(index=i, name=name, output_dir=out, args=args, overrides=list(combo),
                                 recipe=recipe))
@@ -166,7 +172,7 @@ def validate(jobs: Sequence[JobSpec]) -> List[str]:
             os.environ[OUTPUT_DIR_ENV] = j.output_dir
             ovs = [a for a in j.args if not a.startswith("--config-")]
             name, primary = "finetune", CONF_DIR
-            if j.recipe:  # as --config-dir/--config-name do: the recipe's folder first, then conf/
+            if j.recipe:  # (validated from this machine's copy of the recipe)  # as --config-dir/--config-name do: the recipe's folder first, then conf/
                 name, primary = Path(j.recipe).stem, Path(j.recipe).parent
                 ovs.append(f"hydra.searchpath=[{hydra_quote('file://' + str(CONF_DIR))}]")
             for _ in range(10):
@@ -362,7 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"{sweep_dir} holds a submitted sweep (python -m tiedlora.submit status "
                                  f"{shlex.quote(str(sweep_dir))}); pass --force to submit into it again "
                                  "(runs resume from their checkpoints)")
-        jobs = build_jobs(recipes, overrides, sweep_dir)
+        # in a container the repository lives at container.workdir: recipes go by relative path
+        root = Path.cwd().resolve() if cluster.container.image and cluster.container.workdir else None
+        jobs = build_jobs(recipes, overrides, sweep_dir, recipe_root=root)
         missing = [] if args.no_validate else validate(jobs)
         if missing:
             msg = (f"the configs read environment variable(s) {', '.join(missing)}, unset here; the jobs "
