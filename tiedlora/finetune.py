@@ -1,7 +1,7 @@
 """Fine-tune a Tied-LoRA adapter on a megatron-core GPT: data -> train -> checkpoints -> eval.
 
 With no arguments this runs the embedded CPU default: the mini base model (pretrained once
-on generated text and cached), TL6 at rank 8, on the miniature extractive-QA task, and
+on generated text and cached), TL6 at rank 8, on the miniature dialogue-summarisation task, and
 prints the metric before and after, the trainable parameters and their share of LoRA's,
 and the wall time.
 
