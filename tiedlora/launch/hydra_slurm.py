@@ -21,7 +21,6 @@ What it adds to the plugin's ``submitit_slurm``:
 
 from __future__ import annotations
 
-
 import logging
 import os
 import shlex
@@ -199,4 +198,3 @@ def register() -> bool:
 
 __all__ = ["SlurmJob", "launcher_params", "register"] + (["ClusterSlurmConf", "ClusterSlurmLauncher"]
                                              if SlurmQueueConf is not None else [])
-
