@@ -121,8 +121,13 @@ def main() -> None:
         saved = Path(dcfg.output_dir) / "config.yaml"
         if saved.is_file():  # a fine-tuning run: start from its resolved config
             base = OmegaConf.merge(OmegaConf.structured(type(to_object(dcfg))), OmegaConf.load(saved))
-            cli = OmegaConf.from_dotlist([o for o in overrides if not o.split("=")[0] in ("model", "task", "peft")])
-            dcfg = OmegaConf.merge(base, cli)
+            # then the command line's explicit field overrides, as Hydra parsed them
+            for o in overrides:
+                key = o.split("=", 1)[0].lstrip("+~")
+                if key in ("model", "task", "peft") or key.startswith("hydra"):
+                    continue  # group choices come from the run
+                OmegaConf.update(base, key, OmegaConf.select(dcfg, key), merge=False)
+            dcfg = base
         run_evaluation(to_object(dcfg))
 
     _run()

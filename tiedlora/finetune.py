@@ -377,6 +377,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                  f"{cfg.trainer.early_stopping_patience} checks")
             break
     bar.close()
+    preempt.disarm()
     train_wall = time.time() - t_loop
 
     # ---- final adapter and evaluation

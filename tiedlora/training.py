@@ -344,11 +344,19 @@ class PreemptionFlag:
 
     def __init__(self, signals: List[str]):
         self.hit: Optional[str] = None
+        self.signals = list(signals)
         for name in signals:
             signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame):
         self.hit = signal.Signals(signum).name
+
+    def disarm(self) -> None:
+        """After the final checkpoint: a late warning signal (e.g. Slurm's time-limit notice
+        arriving during evaluation) must not kill a finished run."""
+        for name in self.signals:
+            if name != "SIGTERM":
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     def agreed(self) -> bool:
         t = torch.tensor([1.0 if self.hit else 0.0])
