@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tiedlora import compat
+from tiedlora.mcore_version import check_gated_fc1_stride
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -230,8 +231,11 @@ def build_gpt_model(
     )
     if meta:
         with torch.device("meta"):
-            return GPTModel(**kwargs)
+            model = GPTModel(**kwargs)
+        check_gated_fc1_stride(model)
+        return model
     model = GPTModel(**kwargs)
+    check_gated_fc1_stride(model)
     return model.to(compat.default_device())
 
 
