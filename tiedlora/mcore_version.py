@@ -17,11 +17,13 @@ SUPPORTED = ">=0.16,<0.17"
 
 
 def megatron_core_version() -> str:
+    """The installed megatron-core's version, read without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        from megatron.core.package_info import __version__
-    except ImportError:  # very old or unusual builds
+        return version("megatron-core")
+    except PackageNotFoundError:  # e.g. a source tree on PYTHONPATH
         return "unknown"
-    return __version__
 
 
 def check_gated_fc1_stride(model) -> None:
