@@ -1,7 +1,10 @@
 """docs/versions.md names every version range of requirements.txt and the Dockerfile's
-container tag, and the docs that show the container use that same tag."""
+container tag, the docs that show the container use that same tag, and CI runs the
+lowest-version job (.ci/compat-tests)."""
 
+import os
 import re
+import subprocess
 
 from helpers import ROOT
 
@@ -29,3 +32,11 @@ def test_container_tag_is_the_one_the_docs_use():
     for rel in ("README.md", "docs/slurm.md", "conf/launcher/ngc.yaml"):
         used = set(re.findall(r"nemo[:-](\d\d\.\d\d)", (ROOT / rel).read_text()))
         assert used == {tag}, f"{rel} names NeMo container tags {sorted(used)}; the Dockerfile uses {tag}"
+
+
+def test_ci_runs_the_lowest_version_job():
+    script = ROOT / ".ci" / "compat-tests"
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert ".ci/compat-tests" in (ROOT / ".ci" / "run").read_text()
