@@ -2,8 +2,8 @@
 
 * No tracked file cites a document that is not in the repository (team notes kept
   outside it): the facts the code relies on belong in docs/design.md.
-* Every pointer to docs/design.md ("docs/design.md, 'Section'" or "design.md#anchor")
-  names a section that exists.
+* Every pointer to docs/design.md (its path, a comma and a section title in single
+  quotes; or a Markdown link with an anchor) names a section that exists.
 * Every code location docs/design.md names (``tiedlora.module.function``,
   ``tiedlora/path.py``, ``tests/test_x.py::test_name``) exists, so a rename or a move
   that leaves the design doc behind fails here.
@@ -26,9 +26,9 @@ OUTSIDE = re.compile("|".join([
     r"\bNOTES" + r"\.md\b",
     r"(?<![\w.-])shared" + r"/",
 ]))
-# "docs/design.md, 'Tensor parallelism'" (possibly wrapped, in a comment or docstring)
+# the path, a comma, then the section title in single quotes (possibly wrapped, in a comment)
 NAMED_POINTER = re.compile(r"design\.md,\s*(?:#\s*)?'([^'\n]+)'")
-# "design.md#tensor-parallelism" (Markdown link) and "](#anchor)" inside design.md
+# a Markdown link to an anchor of design.md, and local links inside design.md itself
 ANCHOR_POINTER = re.compile(r"design\.md#([\w-]+)")
 LOCAL_ANCHOR = re.compile(r"\]\(#([\w-]+)\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
