@@ -8,7 +8,7 @@
 
 A·x is computed first (r wide), so no d_out×d_in matrix is ever formed during training.
 
-Tensor parallelism (DESIGN.md §2). Shapes per rank, tp = tensor-parallel size:
+Tensor parallelism (docs/design.md, 'Tensor parallelism'). Shapes per rank, tp = TP size:
 
 Column-parallel base (``linear_qkv``, ``linear_fc1``; output sharded on d_out):
     A (r, d_in) replicated · u (r,) replicated · B (d_out/tp, r) · v (d_out/tp,)
