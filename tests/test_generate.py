@@ -1,8 +1,10 @@
 """Greedy generation with megatron's KV cache equals generation without it; scoring sanity."""
 
+import pytest
 import torch
 
-from helpers import build, perturb, preset
+from helpers import build, perturb, preset, tiny_model_cfg
+from numerics import Net, assert_close, forward_terms
 from tiedlora.generate import continuation_logprobs, greedy_generate
 
 VOCAB = 256
@@ -29,6 +31,7 @@ def test_eos_stops_and_is_removed(mp1):
     assert stopped == free[:free.index(free[2])]
 
 
+@pytest.mark.numerics
 def test_continuation_logprobs_match_manual(mp1):
     model = build(preset("tl6"))
     model.eval()
@@ -37,4 +40,7 @@ def test_continuation_logprobs_match_manual(mp1):
     with torch.no_grad():
         x = torch.tensor([prompt + [9, 10]])
         logp = torch.log_softmax(model(x, torch.arange(5).unsqueeze(0), None)[0, :, :VOCAB], -1)
-    torch.testing.assert_close(torch.tensor(scores[1]), logp[2, 9] + logp[3, 10], atol=1e-5, rtol=0)
+    # the forward pass, the log-softmax over the vocabulary, the sum of two log-probabilities
+    net = Net.of(tiny_model_cfg(), seq=x.shape[1], rank=8)
+    assert_close(torch.tensor(scores[1]), logp[2, 9] + logp[3, 10], forward_terms(net) + net.vocab + 2,
+                 "continuation log-probability")
