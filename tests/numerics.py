@@ -136,17 +136,20 @@ def error(got: torch.Tensor, ref: torch.Tensor, scale: str = "max") -> float:
     return float(diff.abs().max() if scale == "max" else diff.norm())
 
 
-def assert_close(got, ref, terms: int, what: str, scale: str = "max", safety: float = SAFETY) -> float:
-    """Assert ``error(got, ref) <= bound(ref, terms)``; return error / bound.
+def assert_close(got, ref, terms: int, what: str, scale: str = "max", safety: float = SAFETY,
+                 inherited: float = 0.0) -> float:
+    """Assert ``error(got, ref) <= bound(ref, terms) + inherited``; return error / bound.
 
-    The message names the quantity, the measured error, the bound with its K, their ratio
-    and, for scale="max", the worst element.
+    ``inherited``: the bound of an earlier stage whose size differs from ``ref``'s (from
+    :func:`bound`), e.g. the logits' bound under log-probabilities: errors of successive
+    stages add. The message names the quantity, the measured error, the bound with its K,
+    their ratio and, for scale="max", the worst element.
     """
     got, ref = torch.as_tensor(got), torch.as_tensor(ref)
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
     assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype} != reference {ref.dtype}"
     err, size = error(got, ref, scale), _size(ref, scale)
-    tol = safety * terms * U32 * size
+    tol = safety * terms * U32 * size + inherited
     ratio = err / tol if tol > 0 else (0.0 if err == 0 else float("inf"))
     _log(what, err, tol, ratio, terms, scale)
     if err > tol or not bool(torch.isfinite(got.double()).all()):
@@ -157,7 +160,8 @@ def assert_close(got, ref, terms: int, what: str, scale: str = "max", safety: fl
             where = f"; worst element [{i}] (flat): {got.flatten()[i].item():.6g} vs {ref.flatten()[i].item():.6g}"
         raise AssertionError(
             f"{what}: error {err:.3g} exceeds the fp32 rounding bound {tol:.3g} "
-            f"(= {safety}·K·u·{scale}|ref|, K={terms}, u=2^-24, {scale}|ref|={size:.3g}; "
+            f"(= {safety}·K·u·{scale}|ref|{' + inherited' if inherited else ''}, K={terms}, u=2^-24, "
+            f"{scale}|ref|={size:.3g}; "
             f"error/bound {ratio:.3g}){where}")
     return ratio
 
