@@ -4,7 +4,6 @@ Two torchrun launches (1 and 2 processes, gloo on CPU); the worker is tests/dist
 """
 
 import pytest
-import torch
 
 from helpers import run_torchrun, tiny_model_cfg
 from numerics import Comparisons, Net, gradient_terms, loss_terms
