@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import ALL_TARGETS, PRESETS, batch, build, perturb, preset, targets_override, tiny_model_cfg
-from tiedlora.models.gpt import build_gpt_model
 from numerics import Net, assert_close, gradient_terms
+from tiedlora.models.gpt import build_gpt_model
 from tiedlora.peft import AdaptedLinear, TiedLoRAAdapter, adapter_parameters, iter_adapter_params
 
 TARGETS = targets_override(ALL_TARGETS)
