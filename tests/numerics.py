@@ -173,7 +173,7 @@ def _log(what: str, err: float, tol: float, ratio: float, terms: int, scale: str
     rec = {"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "what": what, "error": err,
            "bound": tol, "ratio": ratio, "terms": terms, "scale": scale,
            "capability": torch.backends.cpu.get_cpu_capability(),
-           "threads": os.environ.get("TIEDLORA_TEST_THREADS", "default")}
+           "threads": os.environ.get("TIEDLORA_TEST_THREADS", "unset")}
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
 

@@ -21,16 +21,16 @@ def main(paths) -> int:
             for line in f:
                 r = json.loads(line)
                 group = r["test"].split("::")[0].rsplit("/", 1)[-1].removesuffix(".py") or "?"
-                setting = f"{r['capability'].lower()}/{r['threads']}t"
+                setting = f"{r['capability'].lower()}, threads={r['threads']}"
                 settings.add(setting)
                 n, ratio, what = worst[group, setting]
                 worst[group, setting] = (n + 1, max(ratio, r["ratio"]), r["what"] if r["ratio"] > ratio else what)
     if not worst:
         print("no comparisons logged")
         return 1
-    print(f"{'test file':<28} {'setting':<14} {'compared':>8} {'max err/bound':>13}  worst")
+    print(f"{'test file':<28} {'setting':<22} {'compared':>8} {'max err/bound':>13}  worst")
     for (group, setting), (n, ratio, what) in sorted(worst.items()):
-        print(f"{group:<28} {setting:<14} {n:>8} {ratio:>13.3g}  {what}")
+        print(f"{group:<28} {setting:<22} {n:>8} {ratio:>13.3g}  {what}")
     return 0
 
 
