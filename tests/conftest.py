@@ -3,6 +3,11 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if os.environ.get("TIEDLORA_TEST_THREADS"):  # the numerics matrix: every process with this many
+    os.environ["OMP_NUM_THREADS"] = os.environ["TIEDLORA_TEST_THREADS"]
+    import torch
+
+    torch.set_num_threads(int(os.environ["TIEDLORA_TEST_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,9 @@ from tiedlora.peft import PeftConfig, adapter_state_dict, apply_peft, load_adapt
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["lora", "vera", "tl1", "tl2", "tl3", "tl4", "tl5", "tl6", "tl7"]
 ALL_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+# Threads of every process a numerical test starts (torchrun workers, fine-tuning runs) and
+# of the reference computed inside pytest: TIEDLORA_TEST_THREADS=2 runs them all with 2.
+TEST_THREADS = int(os.environ.get("TIEDLORA_TEST_THREADS", "1"))
 TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
             vocab_size=256, make_vocab_size_divisible_by=128, seq_length=64)
 
@@ -63,7 +66,7 @@ def batch(vocab: int = 256, b: int = 2, s: int = 16, seed: int = 0):
 
 def run_torchrun(script: str, nproc: int, out: Path, *args: str, timeout: int = 300) -> dict:
     """Run tests/dist/<script> under torchrun (gloo, CPU); return rank 0's JSON/pt output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS), "PYTHONWARNINGS": "ignore"}
     from tiedlora.dist import _free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

@@ -1,8 +1,10 @@
 """Greedy generation with megatron's KV cache equals generation without it; scoring sanity."""
 
+import pytest
 import torch
 
-from helpers import build, perturb, preset
+from helpers import build, perturb, preset, tiny_model_cfg
+from numerics import Net, assert_close, bound, forward_terms
 from tiedlora.generate import continuation_logprobs, greedy_generate
 
 VOCAB = 256
@@ -29,12 +31,19 @@ def test_eos_stops_and_is_removed(mp1):
     assert stopped == free[:free.index(free[2])]
 
 
+@pytest.mark.numerics
 def test_continuation_logprobs_match_manual(mp1):
     model = build(preset("tl6"))
+    perturb(model, seed=2, scale=0.5)  # logits that differ by position: an off-by-one shows
     model.eval()
     prompt, conts = [5, 6, 7], [[8], [9, 10]]
     scores = continuation_logprobs(model, prompt, conts, VOCAB)
     with torch.no_grad():
         x = torch.tensor([prompt + [9, 10]])
-        logp = torch.log_softmax(model(x, torch.arange(5).unsqueeze(0), None)[0, :, :VOCAB], -1)
-    torch.testing.assert_close(torch.tensor(scores[1]), logp[2, 9] + logp[3, 10], atol=1e-5, rtol=0)
+        logits = model(x, torch.arange(5).unsqueeze(0), None)[0, :, :VOCAB]
+        logp = torch.log_softmax(logits, -1)
+    # the forward pass (relative to the logits' size, two positions), then the log-softmax
+    # over the vocabulary and the sum of two log-probabilities (relative to their size)
+    net = Net.of(tiny_model_cfg(), seq=x.shape[1], rank=8)
+    assert_close(torch.tensor(scores[1]), logp[2, 9] + logp[3, 10], net.vocab + 2, "continuation log-probability",
+                 inherited=2 * bound(logits, forward_terms(net)))

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ALL_TARGETS, ROOT, targets_override, tiny_model_cfg
+from helpers import ALL_TARGETS, ROOT, TEST_THREADS, targets_override, tiny_model_cfg
+
+pytestmark = pytest.mark.numerics  # tests/numerics.py; run under other CPU kernels by .ci/numerics-tests
 
 MAX_STEPS = 10
 EVERY = 3  # checkpoint every EVERY steps
@@ -45,7 +47,7 @@ def setup(tmp_path_factory, mp1):
     set_seed(0)
     save_base(d / "base.safetensors", [build_gpt_model(tiny_model_cfg(num_layers=4, vocab_size=512))],
               {"name": "tiny"})
-    env = {**os.environ, "TIEDLORA_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "TIEDLORA_CACHE": str(d / "cache"), "OMP_NUM_THREADS": str(TEST_THREADS),
            "PYTHONWARNINGS": "ignore"}
     model = ["model=tiny", "model.num_layers=4", f"model.checkpoint={d / 'base.safetensors'}",
              f"model.tokenizer={d / 'tok.model'}"]

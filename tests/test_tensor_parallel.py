@@ -4,14 +4,17 @@ Two torchrun launches (1 and 2 processes, gloo on CPU); the worker is tests/dist
 """
 
 import pytest
-import torch
 
-from helpers import run_torchrun
+from helpers import run_torchrun, tiny_model_cfg
+from numerics import Comparisons, Net, gradient_terms, loss_terms
 
-LOSS_ATOL = 1e-5
-GRAD_ATOL = 2e-6
-GRAD_RTOL = 1e-4
+pytestmark = pytest.mark.numerics  # tests/numerics.py; run under other CPU kernels by .ci/numerics-tests
+
 PRESETS = ["lora", "vera", "tl6", "tl3"]
+# tolerances: fp32 rounding bounds (tests/numerics.py) of the worker's tiny GPT, one batch
+# of 2 x 16 tokens (tests/dist/tp_check.py)
+NET = Net.of(tiny_model_cfg(), seq=16, rank=8)
+TOKENS = 2 * 16
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +28,10 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", PRESETS)
 def test_tp2_matches_tp1(runs, name, sp):
     ref, got = runs[0][f"{name}/sp0"], runs[1][f"{name}/sp{sp}"]
-    torch.testing.assert_close(got["loss"], ref["loss"], atol=LOSS_ATOL, rtol=0)
+    c = Comparisons()
+    c.close(got["loss"], ref["loss"], loss_terms(NET, TOKENS), f"{name} sp={sp} loss")
     assert set(got["grads"]) == set(ref["grads"]) and ref["grads"]
     for key, g in ref["grads"].items():
         assert g.abs().sum() > 0, f"{key}: zero reference gradient (test has no teeth)"
-        torch.testing.assert_close(got["grads"][key], g, atol=GRAD_ATOL, rtol=GRAD_RTOL,
-                                   msg=lambda m: f"{name} sp={sp} {key}: {m}")
+        c.close(got["grads"][key], g, gradient_terms(NET, TOKENS), f"{name} sp={sp} grad {key}")
+    c.check()
