@@ -204,3 +204,22 @@ def test_recompute_layers_per_pipeline_stage_checked():
                          recompute_num_layers=3)
     with pytest.raises(ValueError, match=r"model.recompute_num_layers=3: more than the 2 layers"):
         transformer_config(cfg, ParallelConfig(pp=2))
+
+
+def test_gpu_check_compare_attention_on_cpu(mp1, monkeypatch):
+    """bench/gpu_check.py --compare-attention (the check that verifies `te` on a GPU) runs here
+    for local vs sdpa, and fails when the backends disagree beyond its tolerance."""
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    args = gpu_check.parse_args(["--tiny", "--compare-attention", "--micro-batch-size", "1",
+                                 "--seq-length", "32", "model.num_attention_heads=4"])
+    result = gpu_check.compare_attention(args)
+    assert result["ok"] and result["backends"][:2] == ["local", "sdpa"]
+    assert result["sdpa"]["max_abs_diff_logits"] < 1e-4
+    monkeypatch.setattr(gpu_check, "COMPARE_TOL", {"atol": 0.0, "rtol": 0.0})
+    assert not gpu_check.compare_attention(args)["ok"]  # bit-exact agreement is not expected

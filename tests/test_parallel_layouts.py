@@ -39,8 +39,10 @@ XLOAD = ["pp2->tp2_sp", "tp2_sp->pp2", "pp2_vpp2->dp2", "dp2->pp2_vpp2"]
 # Tolerances vs the single process (fp32, CPU). Measured maxima in brackets; PP=2 and
 # PP=2xVPP=2 were bit-exact for lora and vera (no summed tied gradients).
 LOSS_ATOL = 1e-6  # per-token loss of each step [1e-7]
-NORM_RTOL = 1e-5  # global gradient norm before clipping [1.1e-6]
-GRAD_ATOL, GRAD_RTOL = 2e-6, 1e-4  # every gathered gradient, every step [8.7e-7 abs]
+# The fused attention kernel and the adapter's addmm block their sums by tensor shape, and
+# TP=2 halves heads and d_out: step 3 (after two AdamW steps) differs more than elementwise ops.
+NORM_RTOL = 1e-4  # global gradient norm before clipping [2.2e-5, tp2_sp lora step 3]
+GRAD_ATOL, GRAD_RTOL = 1e-5, 1e-4  # every gathered gradient, every step [2.7e-6 abs]
 FINAL_ATOL = 2e-4  # adapter tensors after 3 AdamW steps, elementwise [6.9e-5]
 UPDATE_RTOL = 1e-3  # ||Δθ - Δθ_ref|| / ||Δθ_ref|| per tensor over 3 steps [7.6e-5]
 MOMENT_RTOL = 1e-3  # AdamW exp_avg / exp_avg_sq, relative in norm per tensor [2.5e-5]

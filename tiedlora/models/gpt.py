@@ -230,9 +230,16 @@ def layer_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = 
     from tiedlora.models.norm import Norm
 
     require_backend(attention_backend)
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    spec.submodules.input_layernorm = Norm
-    spec.submodules.pre_mlp_layernorm = Norm
+    if attention_backend == "te":
+        # fused layernorm into linear_qkv / linear_fc1 (their norm weights are named
+        # ``layer_norm_weight`` there), TE's fused attention and linears
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        spec.submodules.input_layernorm = Norm
+        spec.submodules.pre_mlp_layernorm = Norm
     if attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)

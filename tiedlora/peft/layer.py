@@ -139,16 +139,33 @@ class TiedFactors(nn.Module):
 
 
 class AdaptedLinear(nn.Module):
-    """Wraps a megatron-core parallel linear; keeps its ``(output, bias)`` contract."""
+    """Wraps a megatron-core parallel linear; keeps its ``(output, bias)`` contract.
+
+    A transformer-engine ``TELayerNormColumnParallelLinear`` (``model.attention_backend=te``)
+    normalises its input inside; the adapter must see the *normalised* input, as it does
+    with the local spec's separate norm. The wrapper switches on TE's
+    ``return_layernorm_output`` and feeds that output to the adapter.
+    """
 
     def __init__(self, base: nn.Module, adapter: TiedLoRAAdapter):
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.uses_layernorm_output = hasattr(base, "return_layernorm_output")
+        if self.uses_layernorm_output:
+            base.return_layernorm_output = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        out, bias = self.base(x, *args, **kwargs)
-        return self.adapter(x, base_out=out), bias
+        res = self.base(x, *args, **kwargs)
+        if not self.uses_layernorm_output:
+            out, bias = res
+            return self.adapter(x, base_out=out), bias
+        # megatron returns TE's own tuple when TE returns the bias, else (TE's tuple, None)
+        if len(res) == 3:
+            out, bias, ln_out = res
+        else:
+            (out, ln_out), bias = res
+        return self.adapter(ln_out, base_out=out), bias
 
     def __getattr__(self, name: str):
         # Megatron code reads attributes of the linear it built (weight, config, ...).
