@@ -17,7 +17,7 @@ into the second matmul (``addmm``)::
 On row targets ``u`` goes into B, not A: A is sharded on d_in there, and ``u`` folded
 into A would only receive this rank's partial gradient. On column targets ``u`` in A is
 still applied before the copy/gather below, as required. Gradients equal those of the
-activation-side formula (tests/test_adapter.py checks it against that formula).
+activation-side formula (tests/test_adapter_fused.py compares the two).
 
 Tensor parallelism (DESIGN.md §2). Shapes per rank, tp = tensor-parallel size:
 
