@@ -1,6 +1,6 @@
 """Adapter step time relative to the frozen-base floor, measured side by side in one run.
 
-    python bench/step_time.py                      # 134M LLaMA-style model (DESIGN.md §6), CPU
+    python bench/step_time.py                      # 134M LLaMA-style model, CPU
     python bench/step_time.py --tiny --rounds 2    # seconds; a smoke run
     python bench/step_time.py --presets lora,tl6 --ranks 8,128 --targets linear_qkv
 
@@ -10,8 +10,8 @@ training step (forward, backward, AdamW over its adapter tensors) is divided by 
 fine-tuning step is printed for scale. Configurations are interleaved round by round and
 the median of each is reported, so machine noise hits all of them alike.
 
-Targets from DESIGN.md §6 (r=8 / r=128, QKV): every tied preset ≤ 1.05× / ≤ 1.10× the floor
-and within 5% of LoRA at the same rank.
+Targets (docs/design.md, 'Performance targets'; r=8 / r=128, QKV): every tied preset
+≤ 1.05× / ≤ 1.10× the floor and within 5% of LoRA at the same rank.
 """
 
 from __future__ import annotations

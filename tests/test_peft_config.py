@@ -1,4 +1,5 @@
-"""Adapter config: presets carry exactly DESIGN.md's flags; bad values name field and value."""
+"""Adapter config: presets carry exactly the flags of docs/design.md, 'Presets';
+bad values name field and value."""
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -8,7 +9,7 @@ from helpers import PRESETS, preset
 from tiedlora.config import CONF_DIR, compose, to_object
 from tiedlora.peft import FactorConfig, PeftConfig
 
-# DESIGN.md §1: (A trainable, A tied, B trainable, B tied, u trainable, v trainable)
+# docs/design.md, 'Presets': (A trainable, A tied, B trainable, B tied, u trainable, v trainable)
 TABLE = {
     "lora": (True, False, True, False, False, False),
     "vera": (False, True, False, True, True, True),

@@ -1,7 +1,8 @@
 """The paper's recipe grid (recipes/, conf/sweep/): generated files in sync with
 tiedlora/recipes.py; every recipe composes with Hydra and validates, with the paper's
-settings (DESIGN.md §5), the model / task / preset / rank its path names and a layout that
-fits one 8-GPU node; the multirun sweeps express the same grid.
+settings (docs/design.md, 'Training settings of the paper'), the model / task / preset /
+rank its path names and a layout that fits one 8-GPU node; the multirun sweeps express
+the same grid.
 """
 
 import dataclasses
@@ -21,7 +22,8 @@ from helpers import PRESETS, ROOT
 from tiedlora import recipes as gen
 from tiedlora.config import CONF_DIR, register_configs, to_object
 
-# DESIGN.md §5: the paper's training defaults (written out here, not read from the generator)
+# The paper's training defaults (docs/design.md, 'Training settings of the paper'),
+# written out here, not read from the generator
 PAPER_OPTIM = {"lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 50, "weight_decay": 0.01, "betas": [0.9, 0.98],
                "grad_clip": 1.0}
 PAPER_TRAINER = {"global_batch_size": 128, "micro_batch_size": 4, "val_check_interval": 200,

@@ -7,7 +7,8 @@ create small tensors with ``device="cuda"``. :func:`install` redirects exactly t
 sites to the CPU. It is a no-op when CUDA is available, so the same code runs unchanged
 in the NGC container.
 
-What is redirected (measured on megatron-core 0.16.1, see shared/NOTES.md):
+What is redirected (measured on megatron-core 0.16.1; why, and the traps: docs/design.md,
+'Running megatron-core on CPU'):
 
 * ``torch.cuda.current_device`` -> ``torch.device("cpu")``
 * ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` and

@@ -1,6 +1,6 @@
 """Fold a trained adapter into its base model and save it in the base's own format.
 
-For every adapted linear layer l (DESIGN.md §1)::
+For every adapted linear layer l (docs/design.md, 'The method')::
 
     W_l  <-  W_l + s · diag(v_l) · B · diag(u_l) · A          s = alpha / r
 

@@ -28,10 +28,11 @@ this table) and where they land (:mod:`tiedlora.convert.layout` names, layer i):
 :class:`tiedlora.models.norm.Norm` computes exactly that with
 ``layernorm_zero_centered_gamma``, so γ is copied unchanged.
 
-Safety (DESIGN.md §7): member names that are absolute or contain ``..`` are refused before
-anything is read; weights are read with ``torch.load(weights_only=True)``; YAML with
-``yaml.safe_load``; members are only read as regular files (links are refused), and the
-tokenizer is extracted with tarfile's ``"data"`` filter.
+Safety (docs/design.md, 'Safety of what we load and launch'): member names that are
+absolute or contain ``..`` are refused before anything is read; weights are read with
+``torch.load(weights_only=True)``; YAML with ``yaml.safe_load``; members are only read as
+regular files (links are refused), and the tokenizer is extracted with tarfile's
+``"data"`` filter.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ into A would only receive this rank's partial gradient. On column targets ``u`` 
 still applied before the copy/gather below, as required. Gradients equal those of the
 activation-side formula (tests/test_adapter_fused.py compares the two).
 
-Tensor parallelism (DESIGN.md §2). Shapes per rank, tp = tensor-parallel size:
+Tensor parallelism (docs/design.md, 'Tensor parallelism'). Shapes per rank, tp = TP size:
 
 Column-parallel base (``linear_qkv``, ``linear_fc1``; output sharded on d_out):
     A (r, d_in) replicated · u (r,) replicated · B (d_out/tp, r) · v (d_out/tp,)
