@@ -11,6 +11,14 @@ the adapter tensors only. Batches are random token ids, every token supervised.
     python bench/gpu_check.py                  # one H200: about a minute, mostly model set-up
     python bench/gpu_check.py --rank 128 --micro-batch-size 4 --out gpu_check.json
     python bench/gpu_check.py --tiny           # CPU: the tiny model, a few seconds (CI test)
+    python bench/gpu_check.py --compare-attention   # te vs sdpa vs local: logits and adapter grads
+
+``--compare-attention`` builds a 2-layer GPT-2B-001-shaped model (layernorm1p, RoPE 0.5,
+SwiGLU) in fp32 once per attention backend (``local``, ``sdpa``, and ``te`` where
+transformer-engine imports) with identical base weights (TE's fused layernorm weights are
+mapped from the local spec's norms) and identical TL6 adapters on all four targets, and
+compares each backend's logits and adapter gradients with ``local``'s (JSON; exit status 1
+beyond tolerance). It is what verifies the ``te`` path, which has no CPU test.
 
 Prints one JSON object (also written to ``--out``): tokens/s over the timed steps, peak
 memory (CUDA: ``max_memory_allocated``/``max_memory_reserved``; CPU: peak RSS), model FLOPs
@@ -36,13 +44,16 @@ Norms, softmax, activations, embeddings lookups and u/v scalings are not counted
 gradient of the first layer's QKV projection, which autograd skips, is (under 0.5% of the
 total for GPT-2B-001). N_mm and N_ad are checked against the parameters of the model built.
 
-Note: the model uses megatron-core's *local* layer spec (unfused attention, no
-transformer-engine), the same code path as on CPU, so MFU is below what a TE build gets.
+Note: the model uses the attention backend of its config (``model.attention_backend``,
+default ``sdpa``: megatron-core's local linears with torch's fused attention, the same code
+path as on CPU); ``model.attention_backend=te`` as an override runs transformer-engine's
+layers instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -73,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"device peak for MFU (default on CUDA: {H200_BF16_DENSE_TFLOPS}, H200 bf16 dense)")
     p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--compare-attention", action="store_true",
+                   help="compare attention backends' logits and adapter gradients instead of timing")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. model.num_layers=12")
     a = p.parse_args(argv)
     a.seq_length = a.seq_length or (64 if a.tiny else 2048)
@@ -140,8 +153,100 @@ def random_batches(vocab: int, mbs: int, seq: int, n: int, step: int):
     return out
 
 
+# TE's fused layernorm-linears own the norms that the local spec keeps as separate modules
+_TE_NAMES = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+             (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
+COMPARE_TOL = {"atol": 2e-4, "rtol": 2e-3}  # fp32; GPU kernels differ in summation order
+
+
+def _copy_base(src_state: dict, dst, te: bool) -> None:
+    state = {}
+    for name, t in src_state.items():
+        if name.endswith("_extra_state"):
+            continue
+        if te:
+            for a, b in _TE_NAMES:
+                name = name.replace(a, b)
+        state[name] = t
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise AssertionError(f"base weights do not map: missing {missing}, unexpected {unexpected}")
+
+
+def compare_attention(args) -> dict:
+    """Logits and adapter gradients of every available attention backend against ``local``."""
+    from tiedlora.config import compose, to_object
+    from tiedlora.dist import init_distributed, set_seed, shutdown
+    from tiedlora.models.attention import te_available
+    from tiedlora.models.gpt import ParallelConfig, build_gpt_model
+    from tiedlora.peft import adapter_parameters, adapter_state_dict, apply_peft, load_adapter_state_dict
+
+    owns_process_group = not torch.distributed.is_initialized()
+    init_distributed(ParallelConfig(), seed=1234)
+    ov = ["model=tiny" if args.tiny else "model=gpt2b_001", "model.checkpoint=null",
+          "model.num_layers=2", "model.params_dtype=float32", "peft=tl6", f"peft.rank={args.rank}",
+          "peft.target_modules=[linear_qkv,linear_proj,linear_fc1,linear_fc2]"]
+    cfg = to_object(compose("params", ov + list(args.overrides)))
+    backends = ["local", "sdpa"] + (["te"] if te_available() else [])
+    seq = min(args.seq_length, 512)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.model.vocab_size, (args.micro_batch_size, seq + 1), generator=g)
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    x, y = ids[:, :-1].to(dev), ids[:, 1:].to(dev)
+    pos = torch.arange(seq, device=dev).unsqueeze(0).expand(args.micro_batch_size, -1)
+    ref_base, adapters, out = None, None, {}
+    for backend in backends:
+        set_seed(1234)
+        model_cfg = dataclasses.replace(cfg.model, attention_backend=backend)
+        model = build_gpt_model(model_cfg)
+        if ref_base is None:  # the local model's base weights, before adapters wrap the linears
+            ref_base = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        else:
+            _copy_base(ref_base, model, te=backend == "te")
+        apply_peft(model, cfg.peft)
+        if adapters is None:  # deterministic non-zero adapters, the same for every backend
+            gen = torch.Generator().manual_seed(5)
+            adapters = {k: (torch.randn(v.shape, generator=gen) * 0.2 + (1.0 if k.endswith((".u", ".v")) else 0.0))
+                        for k, v in adapter_state_dict(model).items()}
+        load_adapter_state_dict(model, adapters)
+        logits = model(x, pos, None)
+        model(x, pos, None, labels=y).float().mean().backward()
+        out[backend] = (logits.detach().float().cpu(),
+                        {n: p.grad.detach().float().cpu() for n, p in adapter_parameters(model).items()})
+    ref_logits, ref_grads = out["local"]
+    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+              "backends": backends, "tolerance": COMPARE_TOL, "seq_length": seq, "ok": True}
+    for backend in backends[1:]:
+        logits, grads = out[backend]
+        worst = {"logits": (logits - ref_logits).abs().max().item()}
+        ok = torch.allclose(logits, ref_logits, **COMPARE_TOL)
+        for n, gr in ref_grads.items():
+            scale = max(1.0, gr.abs().max().item())
+            worst[n] = (grads[n] - gr).abs().max().item() / scale
+            ok &= torch.allclose(grads[n], gr, atol=COMPARE_TOL["atol"] * scale, rtol=COMPARE_TOL["rtol"])
+        result[backend] = {"ok": bool(ok), "max_abs_diff_logits": worst.pop("logits"),
+                           "max_rel_diff_adapter_grad": max(worst.values()),
+                           "worst_adapter_tensor": max(worst, key=worst.get)}
+        result["ok"] &= bool(ok)
+    if "te" not in backends:
+        result["te"] = "not checked: transformer_engine does not import here"
+    if owns_process_group:
+        shutdown()
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare_attention:
+        result = compare_attention(args)
+        text = json.dumps(result, indent=2)
+        print(text, flush=True)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        if not result["ok"]:
+            raise SystemExit(1)
+        return result
     from tiedlora import compat
     from tiedlora.dist import init_distributed, shutdown
     from tiedlora.models.gpt import ParallelConfig, build_model_chunks

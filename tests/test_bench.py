@@ -1,7 +1,10 @@
-"""bench/step_time.py runs and reports every configuration (a smoke run, not a timing)."""
+"""bench/step_time.py and bench/vs_peft.py run and report every configuration (smoke runs, not timings)."""
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from helpers import ROOT
 
@@ -15,3 +18,20 @@ def test_step_time_bench_smoke():
             if line.startswith(("lora", "tl6"))}
     assert set(rows) == {"lora r=8", "tl6 r=8"}
     assert "floor" in res.stdout and "÷ floor" in res.stdout
+
+
+@pytest.mark.slow  # 4 fresh processes (torch + megatron / transformers imports): minutes on a busy CPU
+def test_vs_peft_bench_smoke(tmp_path):
+    out = tmp_path / "vs_peft.json"
+    res = subprocess.run([sys.executable, "bench/vs_peft.py", "--tiny", "--methods", "hf-lora,tl6",
+                          "--ranks", "8", "--seqs", "32", "--rounds", "1", "--steps", "1", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split()[0] + " " + line.split()[1] for line in res.stdout.splitlines()
+            if line.startswith(("hf-lora", "tl6"))}
+    assert rows == {"hf-lora r=8", "tl6 r=8"}
+    assert "÷ HF floor" in res.stdout and "targets" in res.stdout
+    runs = json.loads(out.read_text())["32"]["runs"]
+    assert set(runs) == {"hf-floor", "ours-floor", "hf-lora r=8", "tl6 r=8"}
+    assert runs["tl6 r=8"][0]["trainable"] > 0 and runs["hf-floor"][0]["trainable"] == 0
+    assert all(r[0]["peak_rss_gb"] > 0.1 for r in runs.values())

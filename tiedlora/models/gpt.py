@@ -1,8 +1,9 @@
 """megatron-core GPTModel from a small typed config (``conf/model/*.yaml``).
 
 The layer spec is megatron-core's *local* spec (no transformer-engine needed) with the
-norms replaced by :class:`tiedlora.models.norm.Norm`, so the same model builds on a
-laptop CPU, in CI and in the NGC container. Weights are initialised on the CPU from the
+norms replaced by :class:`tiedlora.models.norm.Norm` and the core attention chosen by
+``attention_backend`` (:mod:`tiedlora.models.attention`: ``sdpa`` by default), so the same
+model builds on a laptop CPU, in CI and in the NGC container. Weights are initialised on the CPU from the
 seed as full matrices and then sliced (``use_cpu_initialization``), so a model built at
 TP=2 holds exactly the shards of the TP=1 model.
 """
@@ -20,6 +21,7 @@ from tiedlora import compat
 from tiedlora.mcore_version import check_gated_fc1_stride
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("sdpa", "local", "te")  # see tiedlora.models.attention
 
 
 @dataclass
@@ -47,6 +49,11 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     params_dtype: str = "float32"  # float32 | bfloat16 (adapters always stay fp32)
+    attention_backend: str = "sdpa"  # sdpa | local (megatron's unfused) | te (transformer-engine)
+    # Activation recomputation (megatron-core's): null | selective (core attention) | full (layers)
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only: layers per unit (uniform) / per stage (block)
     checkpoint: Optional[str] = None  # base weights (.nemo, HF dir or our .safetensors)
     tokenizer: Optional[str] = None  # tokenizer model file/dir; None: from the checkpoint
 
@@ -77,6 +84,28 @@ class ModelConfig:
             raise ValueError(f"model.rotary_percent={self.rotary_percent!r}: must be in (0, 1]")
         if self.params_dtype not in _DTYPES:
             raise ValueError(f"model.params_dtype={self.params_dtype!r}: expected one of {sorted(_DTYPES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend={self.attention_backend!r}: "
+                             f"expected one of {list(ATTENTION_BACKENDS)}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in (None, "selective", "full"):
+            raise ValueError(f"model.recompute_granularity={g!r}: expected null, selective or full")
+        if m not in (None, "uniform", "block"):
+            raise ValueError(f"model.recompute_method={m!r}: expected null, uniform or block")
+        if g != "full":
+            for field, value in (("recompute_method", m), ("recompute_num_layers", n)):
+                if value is not None:
+                    raise ValueError(f"model.{field}={value!r}: only used with "
+                                     f"model.recompute_granularity=full (it is {g!r}); set it to null")
+            return
+        if m is None:
+            raise ValueError("model.recompute_method=None: recompute_granularity=full needs uniform or block")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.num_layers:
+            raise ValueError(f"model.recompute_num_layers={n!r}: recompute_granularity=full needs an "
+                             f"integer in [1, num_layers={self.num_layers}]")
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +166,12 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, perform_in
             f"{parallel.pp * parallel.vpp}")
     if cfg.num_layers % parallel.pp:
         raise ValueError(f"model.num_layers={cfg.num_layers} is not divisible by parallel.pp={parallel.pp}")
+    per_stage = cfg.num_layers // (parallel.pp * (parallel.vpp or 1))
+    if cfg.recompute_num_layers is not None and cfg.recompute_num_layers > per_stage:
+        raise ValueError(
+            f"model.recompute_num_layers={cfg.recompute_num_layers}: more than the {per_stage} layers "
+            f"of one pipeline stage (num_layers={cfg.num_layers}, parallel.pp={parallel.pp}, "
+            f"parallel.vpp={parallel.vpp})")
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -177,22 +212,37 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, perform_in
         # divided by the global token count of the step (tiedlora.peft.grads), so micro-
         # and data-parallel batching never changes the update.
         calculate_per_token_loss=True,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
     )
 
 
-def layer_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
-    """megatron-core local layer spec with our norm, as block submodules."""
+def layer_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None,
+               attention_backend: str = "sdpa"):
+    """megatron-core local layer spec with our norm and core attention, as block submodules."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
+    from tiedlora.models.attention import SDPAttention, require_backend
     from tiedlora.models.norm import Norm
 
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    spec.submodules.input_layernorm = Norm
-    spec.submodules.pre_mlp_layernorm = Norm
+    require_backend(attention_backend)
+    if attention_backend == "te":
+        # fused layernorm into linear_qkv / linear_fc1 (their norm weights are named
+        # ``layer_norm_weight`` there), TE's fused attention and linears
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        spec.submodules.input_layernorm = Norm
+        spec.submodules.pre_mlp_layernorm = Norm
+    if attention_backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=Norm)
 
@@ -218,7 +268,8 @@ def build_gpt_model(
     post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     kwargs = dict(
         config=config,
-        transformer_layer_spec=layer_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=layer_spec(config, vp_stage=vp_stage,
+                                          attention_backend=cfg.attention_backend),
         vocab_size=cfg.padded_vocab_size(parallel.tp),
         max_sequence_length=cfg.seq_length,
         pre_process=pre,
@@ -236,7 +287,18 @@ def build_gpt_model(
         return model
     model = GPTModel(**kwargs)
     check_gated_fc1_stride(model)
+    if cfg.recompute_granularity is not None and pre:
+        # megatron's recompute (torch's reentrant checkpoint) only backpropagates into a
+        # recomputed segment whose input needs a gradient; with a frozen embedding it does not,
+        # and the adapters of the first segment would get no gradient at all.
+        model.embedding.register_forward_hook(_input_requires_grad)
     return model.to(compat.default_device())
+
+
+def _input_requires_grad(module, inputs, output):
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
+    return output
 
 
 def build_model_chunks(cfg: ModelConfig, parallel: ParallelConfig) -> List:

@@ -7,6 +7,17 @@
     ΔW x = s · v ⊙ B( u ⊙ A x ),   s = alpha / r
 
 A·x is computed first (r wide), so no d_out×d_in matrix is ever formed during training.
+The scalings are folded into the small factors at each call instead of scaling
+activations (work of size r·d, not tokens·d), and the add into the base output is fused
+into the second matmul (``addmm``)::
+
+    column:  A' = (s·u) ⊙_rows A      B' = v ⊙_rows B              out = base + B' (A' x)
+    row:     A' = A                   B' = v ⊙_rows B ⊙_cols (s·u) out = base + B' (Σ_tp A' x)
+
+On row targets ``u`` goes into B, not A: A is sharded on d_in there, and ``u`` folded
+into A would only receive this rank's partial gradient. On column targets ``u`` in A is
+still applied before the copy/gather below, as required. Gradients equal those of the
+activation-side formula (tests/test_adapter_fused.py compares the two).
 
 Tensor parallelism (docs/design.md, 'Tensor parallelism'). Shapes per rank, tp = TP size:
 
@@ -72,28 +83,42 @@ class TiedLoRAAdapter(nn.Module):
         owner = self._owner[0]
         return None if owner is None else owner.get(self.target, name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') with s, u and v folded in (see the module docstring); shapes as A and B."""
+        A, B = self.factor("A"), self.factor("B")
+        su = self.u * self.scale if self.u is not None else None
+        if self.mode == "column":
+            A = A * su.unsqueeze(1) if su is not None else A * self.scale  # (r, d_in)
+            if self.v is not None:
+                B = B * self.v.unsqueeze(1)  # (d_out/tp, r)
+        else:
+            B = B * self.v.unsqueeze(1) if self.v is not None else B  # (d_out, r)
+            B = B * su if su is not None else B * self.scale
+        return A, B
+
+    def forward(self, x: torch.Tensor, base_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ΔW·x, or ``base_out + ΔW·x`` with the add fused into the last matmul."""
         from megatron.core.tensor_parallel import mappings
 
-        A, B = self.factor("A"), self.factor("B")
+        A, B = self.folded()
         x = self.dropout(x).to(A.dtype)
         h = F.linear(x, A)  # [s, b, r] (column) or partial [s, b, r] (row)
         if self.mode == "column":
-            h = h * (self.u * self.scale) if self.u is not None else h * self.scale
             if self.sequence_parallel:
                 h = mappings.gather_from_sequence_parallel_region(h, group=self.tp_group)
             else:
                 h = mappings.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        elif self.sequence_parallel:
+            h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         else:
-            if self.sequence_parallel:
-                h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
-            else:
-                h = mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-            h = h * (self.u * self.scale) if self.u is not None else h * self.scale
-        out = F.linear(h, B)  # [s, b, d_out/tp] (column) or [s(/tp), b, d_out] (row)
-        if self.v is not None:
-            out = out * self.v
-        return out
+            h = mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+        # h: [s, b, r]; the output: [s, b, d_out/tp] (column) or [s(/tp), b, d_out] (row)
+        if base_out is None:
+            return F.linear(h, B)
+        if base_out.dtype != h.dtype:  # bf16 base, fp32 adapter (no autocast): add in the base's dtype
+            return base_out + F.linear(h, B).to(base_out.dtype)
+        flat = torch.addmm(base_out.reshape(-1, base_out.size(-1)), h.reshape(-1, h.size(-1)), B.t())
+        return flat.view(base_out.shape)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, target={self.target}, layer={self.layer_number}, scale={self.scale}"
@@ -114,16 +139,33 @@ class TiedFactors(nn.Module):
 
 
 class AdaptedLinear(nn.Module):
-    """Wraps a megatron-core parallel linear; keeps its ``(output, bias)`` contract."""
+    """Wraps a megatron-core parallel linear; keeps its ``(output, bias)`` contract.
+
+    A transformer-engine ``TELayerNormColumnParallelLinear`` (``model.attention_backend=te``)
+    normalises its input inside; the adapter must see the *normalised* input, as it does
+    with the local spec's separate norm. The wrapper switches on TE's
+    ``return_layernorm_output`` and feeds that output to the adapter.
+    """
 
     def __init__(self, base: nn.Module, adapter: TiedLoRAAdapter):
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.uses_layernorm_output = hasattr(base, "return_layernorm_output")
+        if self.uses_layernorm_output:
+            base.return_layernorm_output = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        out, bias = self.base(x, *args, **kwargs)
-        return out + self.adapter(x).to(out.dtype), bias
+        res = self.base(x, *args, **kwargs)
+        if not self.uses_layernorm_output:
+            out, bias = res
+            return self.adapter(x, base_out=out), bias
+        # megatron returns TE's own tuple when TE returns the bias, else (TE's tuple, None)
+        if len(res) == 3:
+            out, bias, ln_out = res
+        else:
+            (out, ln_out), bias = res
+        return self.adapter(ln_out, base_out=out), bias
 
     def __getattr__(self, name: str):
         # Megatron code reads attributes of the linear it built (weight, config, ...).

@@ -90,10 +90,13 @@ def _base_mode(base: nn.Module) -> str:
         return "column"
     if isinstance(base, RowParallelLinear):
         return "row"
+    # transformer-engine linears (model.attention_backend=te) name their mode; a fused
+    # layernorm-linear hands the adapter its normalised input (AdaptedLinear)
+    if getattr(base, "parallel_mode", None) in ("column", "row") and hasattr(base, "in_features"):
+        return base.parallel_mode
     raise TypeError(
         f"cannot adapt {type(base).__name__}: tiedlora adapts megatron-core's "
-        "ColumnParallelLinear/RowParallelLinear (the local layer spec); fused "
-        "layernorm-linear modules would feed the adapter un-normalised input")
+        "ColumnParallelLinear/RowParallelLinear and transformer-engine's parallel linears")
 
 
 class FactorSpec:
@@ -182,7 +185,8 @@ def make_adapter(base: nn.Module, target: str, layer_number: int, cfg: PeftConfi
     mode = _base_mode(base)
     group = base.tp_group
     tp_rank, tp_size = group.rank(), group.size()
-    d_in, d_out = base.input_size, base.output_size
+    d_in = getattr(base, "input_size", None) or base.in_features  # full (unsharded) sizes
+    d_out = getattr(base, "output_size", None) or base.out_features
     stride = getattr(base.weight, "partition_stride", 1) if mode == "column" else 1
     device = base.weight.device
     specs = factor_specs(mode, d_in, d_out, cfg.rank, stride)
