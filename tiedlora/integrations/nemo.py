@@ -201,6 +201,9 @@ class TiedLoRA(PEFT):
     v: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
+        from tiedlora.integrations import nemo_compat
+
+        nemo_compat.install()  # before llm.finetune sets up its logger, parallel state and restore
         self._cfg = resolve_config(
             self.preset, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
             target_modules=None if self.target_modules is None else list(self.target_modules),
@@ -212,6 +215,25 @@ class TiedLoRA(PEFT):
         """The resolved, validated adapter configuration."""
         return self._cfg
 
+    # -- NeMo callback hooks ------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """NeMo's PEFT set-up, plus: the final checkpoint keeps the optimizer state.
+
+        NeMo's ``ModelCheckpoint`` writes the last checkpoint of a run without optimizer
+        state unless ``save_optim_on_train_end=True``, and a PEFT run cannot resume from such
+        a checkpoint. An adapter run's optimizer state is as small as its adapters, so it is
+        always kept: ``max_steps`` can then be raised and the run resumed from its end.
+        """
+        from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+
+        from tiedlora.integrations import nemo_compat
+
+        nemo_compat.install()
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint) and not cb.save_optim_on_train_end:
+                cb.save_optim_on_train_end = True
+        super().setup(trainer, pl_module, stage=stage)
+
     # -- applying ---------------------------------------------------------------------
     def __call__(self, model: nn.Module) -> nn.Module:
         """Freeze ``model`` and wrap every target linear (NeMo calls this on its model)."""
@@ -221,7 +243,6 @@ class TiedLoRA(PEFT):
 
         cfg = self._cfg
         compat.install()
-        _install_cpu_compat()
         if (ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1
                 and (cfg.A.tied or cfg.B.tied)):
             raise NotImplementedError(
@@ -337,16 +358,3 @@ def _fitting(model: nn.Module) -> bool:
     except (AttributeError, RuntimeError):  # Lightning raises RuntimeError when detached
         return True
     return trainer is None or trainer.state.fn == TrainerFn.FITTING
-
-
-def _install_cpu_compat() -> None:
-    """Let NeMo's checkpoint loading run without CUDA (no-op when CUDA is available).
-
-    ``nemo.lightning.io.pl._fix_tensors_device`` asserts an initialised CUDA context and
-    moves loaded tensors to the current CUDA device; on the CPU there is nothing to move.
-    """
-    if torch.cuda.is_available():
-        return
-    from nemo.lightning.io import pl as nemo_pl
-
-    nemo_pl._fix_tensors_device = lambda ckpt: ckpt
