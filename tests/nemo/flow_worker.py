@@ -1,11 +1,15 @@
 """Worker: the NeMo 2 flow a user runs, on CPU (one process, gloo).
 
     python tests/nemo/flow_worker.py base OUT_DIR               tiny base checkpoint (llm.train, full model)
-    python tests/nemo/flow_worker.py finetune BASE OUT_DIR STEPS [RESUME]
+    python tests/nemo/flow_worker.py finetune BASE OUT_DIR STEPS
                                                                  llm.finetune with TiedLoRA("tl6")
 
-Each stage writes ``OUT_DIR/result.json``: the checkpoint directories it wrote and, for
-finetune, the training loss of every step (as logged by NeMo's MegatronStrategy).
+Each stage writes ``OUT_DIR/result.json``: the checkpoint directories it wrote and the
+training loss of every step. finetune also writes the adapter (tiedlora's safetensors) when
+training starts and ends, ``adapter_{start,end}_<global step>.safetensors``, and the final
+one exported as a Hugging Face PEFT LoRA, ``hf_peft_<global step>/``. Run finetune
+again on the same OUT_DIR with more STEPS and NeMo's AutoResume continues from the last
+checkpoint there.
 """
 
 from __future__ import annotations
@@ -50,10 +54,13 @@ def model():
 
 
 def data():
-    """NeMo's mock pretraining data (deterministic per sample index) with an attention mask.
+    """NeMo's mock pretraining data (deterministic per sample index) with an attention mask,
+    and a position that checkpoints save and resume restores.
 
     Without transformer-engine the model needs an explicit mask; NeMo 2.7.3's MockDataModule
     passes ``create_attention_mask`` into the dataset's ``seed`` slot, so it is set here by name.
+    MockDataModule keeps no position either: ``state_dict`` / ``load_state_dict`` /
+    ``train_dataloader`` below follow NeMo's FineTuningDataModule, which does.
     """
     from nemo.collections import llm
     from nemo.collections.llm.gpt.data.mock import _MockGPTDataset
@@ -65,6 +72,23 @@ def data():
             self._train_ds = make("train", self.num_train_samples)
             self._validation_ds = make("valid", self.num_val_samples)
             self._test_ds = make("test", self.num_test_samples)
+
+        def state_dict(self):
+            sampler = self.data_sampler
+            return {"consumed_samples": sampler.compute_consumed_samples(
+                self.trainer.global_step - sampler.init_global_step)}
+
+        def load_state_dict(self, state):
+            from megatron.core.num_microbatches_calculator import update_num_microbatches
+
+            sampler = self.data_sampler
+            sampler.init_consumed_samples = sampler.prev_consumed_samples = state["consumed_samples"]
+            update_num_microbatches(consumed_samples=state["consumed_samples"], consistency_check=False)
+            sampler.if_first_step = 1
+
+        def train_dataloader(self):
+            self.data_sampler.init_global_step = self.trainer.global_step
+            return super().train_dataloader()
 
     return MaskedMockData(seq_length=SEQ, micro_batch_size=MBS, global_batch_size=GBS,
                           tokenizer=tokenizer(), num_train_samples=10_000, num_val_samples=8,
@@ -80,6 +104,22 @@ class Losses(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses[int(trainer.global_step)] = float(torch.as_tensor(loss).float().mean())
+
+
+class AdapterFiles(Callback):
+    """The adapter in tiedlora's format when training starts (after the transform) and ends."""
+
+    def __init__(self, peft: TiedLoRA, out: Path):
+        self.peft, self.out = peft, out
+
+    def on_train_start(self, trainer, pl_module):
+        self.peft.save_adapter(trainer.model, self.out / f"adapter_start_{trainer.global_step}.safetensors")
+
+    def on_train_end(self, trainer, pl_module):
+        from tiedlora.integrations.nemo import export_peft
+
+        self.peft.save_adapter(trainer.model, self.out / f"adapter_end_{trainer.global_step}.safetensors")
+        export_peft(self.peft, trainer.model, self.out / f"hf_peft_{trainer.global_step}")
 
 
 def trainer(steps: int, callbacks=()):
@@ -127,9 +167,10 @@ def stage_finetune(base: Path, out: Path, steps: int):
     from nemo import lightning as nl
     from nemo.collections import llm
 
-    t, losses = trainer(steps)
+    peft = TiedLoRA("tl6", rank=4, alpha=8)
+    t, losses = trainer(steps, [AdapterFiles(peft, out)])
     llm.finetune(model=model(), data=data(), trainer=t, optim=optim(), log=logger(out, "tl6", every=2),
-                 peft=TiedLoRA("tl6", rank=4, alpha=8),
+                 peft=peft,
                  resume=nl.AutoResume(restore_config=nl.RestoreConfig(path=str(base)),
                                       resume_if_exists=True, resume_ignore_no_checkpoint=True))
     return {"losses": losses.losses}

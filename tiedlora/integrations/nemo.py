@@ -64,7 +64,8 @@ from tiedlora.peft.model import (
     make_adapter,
 )
 
-__all__ = ["TiedLoRA", "TiedLoRALinear", "ShardedTiedFactors", "mcore_chunks", "resolve_config"]
+__all__ = ["TiedLoRA", "TiedLoRALinear", "ShardedTiedFactors", "export_peft", "mcore_chunks",
+           "model_config_from_nemo", "resolve_config"]
 
 _LOCAL_SPEC_HINT = (
     "In NeMo, build the model with megatron-core's local layer spec, e.g. "
@@ -347,6 +348,64 @@ class TiedLoRA(PEFT):
         check_compatible(saved, self._cfg, where=str(path))
         self.load_adapter_state_dict(model, tensors)
         return meta
+
+
+def model_config_from_nemo(config, vocab_size: int, name: str = "nemo"):
+    """tiedlora's :class:`~tiedlora.models.gpt.ModelConfig` for a NeMo ``GPTConfig`` (LLaMA's too).
+
+    ``vocab_size`` is the model's (NeMo takes it from the tokenizer, not the config). Only
+    the architecture fields tiedlora's export and merge read; raises ``ValueError``
+    naming the NeMo field when the model is one tiedlora cannot describe.
+    """
+    import torch.nn.functional as F
+
+    from tiedlora.models.gpt import ModelConfig
+
+    gated = bool(getattr(config, "gated_linear_unit", False))
+    act = getattr(config, "activation_func", None)
+    if gated and act is not F.silu:
+        raise ValueError(f"GPTConfig.activation_func={act!r} with gated_linear_unit=True: tiedlora "
+                         "describes SwiGLU (F.silu) only")
+    if not gated and act is not F.gelu:
+        raise ValueError(f"GPTConfig.activation_func={act!r}: tiedlora describes GELU or SwiGLU only")
+    return ModelConfig(
+        name=name, num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
+        num_query_groups=getattr(config, "num_query_groups", None), kv_channels=config.kv_channels,
+        vocab_size=int(vocab_size), seq_length=config.seq_length,
+        normalization=config.normalization, activation="swiglu" if gated else "gelu",
+        layernorm_zero_centered_gamma=bool(getattr(config, "layernorm_zero_centered_gamma", False)),
+        layernorm_epsilon=config.layernorm_epsilon,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=getattr(config, "rotary_percent", 1.0),
+        rotary_base=int(getattr(config, "rotary_base", 10000)),
+        add_bias_linear=bool(config.add_bias_linear),
+        untie_embeddings_and_output_weights=not config.share_embeddings_and_output_weights)
+
+
+def export_peft(peft: "TiedLoRA", model: nn.Module, output, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Export the adapter of a NeMo model as a Hugging Face PEFT LoRA (tiedlora's exporter).
+
+    ``model`` is the trained NeMo model (e.g. ``trainer.model``; collective over model
+    parallel, rank 0 writes). Its megatron-core config gives the architecture; the base must
+    be LLaMA-shaped for PEFT to load the result (see :mod:`tiedlora.export`).
+    """
+    import tempfile
+
+    import torch.distributed as dist
+
+    from tiedlora.dist import is_main
+    from tiedlora.export import export_peft as _export
+
+    chunk = mcore_chunks(model)[0]
+    model_cfg = model_config_from_nemo(chunk.config, chunk.vocab_size)  # megatron GPTModel's vocab
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = peft.save_adapter(model, Path(tmp) / "adapter.safetensors")
+        if is_main():
+            _export(adapter, model_cfg, output, base_model_name_or_path)
+        if dist.is_initialized():
+            dist.barrier()
+    return Path(output)
 
 
 def _fitting(model: nn.Module) -> bool:
