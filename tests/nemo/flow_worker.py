@@ -107,13 +107,19 @@ class Losses(Callback):
 
 
 class AdapterFiles(Callback):
-    """The adapter in tiedlora's format when training starts (after the transform) and ends."""
+    """The adapter in tiedlora's format before the first step and when training ends.
+
+    NeMo applies the PEFT transform (and restores a resumed adapter) when the training epoch
+    starts, so the first batch is the earliest point where the adapter exists.
+    """
 
     def __init__(self, peft: TiedLoRA, out: Path):
-        self.peft, self.out = peft, out
+        self.peft, self.out, self.started = peft, out, False
 
-    def on_train_start(self, trainer, pl_module):
-        self.peft.save_adapter(trainer.model, self.out / f"adapter_start_{trainer.global_step}.safetensors")
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.started:
+            self.started = True
+            self.peft.save_adapter(trainer.model, self.out / f"adapter_start_{trainer.global_step}.safetensors")
 
     def on_train_end(self, trainer, pl_module):
         from tiedlora.integrations.nemo import export_peft

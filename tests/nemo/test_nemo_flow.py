@@ -64,7 +64,8 @@ def test_finetune_trains_every_tl6_factor(flow):
     d = flow["dir"] / "whole"
     start, end = _adapter(d / "adapter_start_0.safetensors"), _adapter(d / f"adapter_end_{STEPS}.safetensors")
     assert set(start) == set(end) and start
-    assert {k.rsplit(".", 1)[-1] for k in start} >= {"u", "v"} and any("linear_qkv_A" in k for k in start)
+    assert set(start) == {"tied.linear_qkv.A", "tied.linear_qkv.B", "layers.0.linear_qkv.u",
+                          "layers.0.linear_qkv.v", "layers.1.linear_qkv.u", "layers.1.linear_qkv.v"}
     for key in start:
         assert not torch.equal(start[key], end[key]), f"{key} did not change in {STEPS} steps"
     losses = flow["whole"]["losses"]
@@ -121,11 +122,10 @@ def test_export_to_hf_peft_equals_tiedlora_delta(flow):
     assert conf["target_modules"] == ["q_proj", "k_proj", "v_proj"]
     state = load_file(str(out / "adapter_model.safetensors"))
     model_cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4)
-    A = next(v for k, v in tensors.items() if k.endswith("linear_qkv_A"))
-    B = next(v for k, v in tensors.items() if k.endswith("linear_qkv_B"))
+    A, B = tensors["tied.linear_qkv.A"], tensors["tied.linear_qkv.B"]  # (r, hidden), (3·hidden, r)
     for layer in range(2):
-        per = {k.rsplit(".", 1)[-1]: v for k, v in tensors.items() if f"layers.{layer}." in k}
-        delta = (cfg.alpha / cfg.rank) * per["v"][:, None] * (B @ (per["u"][:, None] * A))
+        u, v = tensors[f"layers.{layer}.linear_qkv.u"], tensors[f"layers.{layer}.linear_qkv.v"]
+        delta = (cfg.alpha / cfg.rank) * v[:, None] * (B @ (u[:, None] * A))
         assert delta.abs().max() > 0
         p = f"base_model.model.model.layers.{layer}.self_attn"
         for m, expected in zip(("q_proj", "k_proj", "v_proj"), split_qkv(delta, model_cfg)):
