@@ -15,7 +15,6 @@ checkpoint there.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from tiedlora.integrations import nemo_compat
 from tiedlora.integrations.nemo import TiedLoRA
 
 SEQ, MBS, GBS = 32, 2, 4
-VOCAB = 256
 LR = 3e-3
 
 

@@ -55,7 +55,7 @@ def flow(tmp_path_factory):
 def _adapter(path: Path) -> dict:
     from tiedlora.checkpoint import load_adapter
 
-    tensors, cfg, _ = load_adapter(path)
+    tensors, _, _ = load_adapter(path)
     return tensors
 
 
