@@ -64,7 +64,8 @@ from tiedlora.peft.model import (
     make_adapter,
 )
 
-__all__ = ["TiedLoRA", "TiedLoRALinear", "ShardedTiedFactors", "mcore_chunks", "resolve_config"]
+__all__ = ["TiedLoRA", "TiedLoRALinear", "ShardedTiedFactors", "export_peft", "mcore_chunks",
+           "model_config_from_nemo", "resolve_config"]
 
 _LOCAL_SPEC_HINT = (
     "In NeMo, build the model with megatron-core's local layer spec, e.g. "
@@ -201,6 +202,9 @@ class TiedLoRA(PEFT):
     v: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
+        from tiedlora.integrations import nemo_compat
+
+        nemo_compat.install()  # before llm.finetune sets up its logger, parallel state and restore
         self._cfg = resolve_config(
             self.preset, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
             target_modules=None if self.target_modules is None else list(self.target_modules),
@@ -212,6 +216,25 @@ class TiedLoRA(PEFT):
         """The resolved, validated adapter configuration."""
         return self._cfg
 
+    # -- NeMo callback hooks ------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """NeMo's PEFT set-up, plus: the final checkpoint keeps the optimizer state.
+
+        NeMo's ``ModelCheckpoint`` writes the last checkpoint of a run without optimizer
+        state unless ``save_optim_on_train_end=True``, and a PEFT run cannot resume from such
+        a checkpoint. An adapter run's optimizer state is as small as its adapters, so it is
+        always kept: ``max_steps`` can then be raised and the run resumed from its end.
+        """
+        from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+
+        from tiedlora.integrations import nemo_compat
+
+        nemo_compat.install()
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint) and not cb.save_optim_on_train_end:
+                cb.save_optim_on_train_end = True
+        super().setup(trainer, pl_module, stage=stage)
+
     # -- applying ---------------------------------------------------------------------
     def __call__(self, model: nn.Module) -> nn.Module:
         """Freeze ``model`` and wrap every target linear (NeMo calls this on its model)."""
@@ -221,7 +244,6 @@ class TiedLoRA(PEFT):
 
         cfg = self._cfg
         compat.install()
-        _install_cpu_compat()
         if (ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1
                 and (cfg.A.tied or cfg.B.tied)):
             raise NotImplementedError(
@@ -328,6 +350,64 @@ class TiedLoRA(PEFT):
         return meta
 
 
+def model_config_from_nemo(config, vocab_size: int, name: str = "nemo"):
+    """tiedlora's :class:`~tiedlora.models.gpt.ModelConfig` for a NeMo ``GPTConfig`` (LLaMA's too).
+
+    ``vocab_size`` is the model's (NeMo takes it from the tokenizer, not the config). Only
+    the architecture fields tiedlora's export and merge read; raises ``ValueError``
+    naming the NeMo field when the model is one tiedlora cannot describe.
+    """
+    import torch.nn.functional as F
+
+    from tiedlora.models.gpt import ModelConfig
+
+    gated = bool(getattr(config, "gated_linear_unit", False))
+    act = getattr(config, "activation_func", None)
+    if gated and act is not F.silu:
+        raise ValueError(f"GPTConfig.activation_func={act!r} with gated_linear_unit=True: tiedlora "
+                         "describes SwiGLU (F.silu) only")
+    if not gated and act is not F.gelu:
+        raise ValueError(f"GPTConfig.activation_func={act!r}: tiedlora describes GELU or SwiGLU only")
+    return ModelConfig(
+        name=name, num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
+        num_query_groups=getattr(config, "num_query_groups", None), kv_channels=config.kv_channels,
+        vocab_size=int(vocab_size), seq_length=config.seq_length,
+        normalization=config.normalization, activation="swiglu" if gated else "gelu",
+        layernorm_zero_centered_gamma=bool(getattr(config, "layernorm_zero_centered_gamma", False)),
+        layernorm_epsilon=config.layernorm_epsilon,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=getattr(config, "rotary_percent", 1.0),
+        rotary_base=int(getattr(config, "rotary_base", 10000)),
+        add_bias_linear=bool(config.add_bias_linear),
+        untie_embeddings_and_output_weights=not config.share_embeddings_and_output_weights)
+
+
+def export_peft(peft: "TiedLoRA", model: nn.Module, output, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Export the adapter of a NeMo model as a Hugging Face PEFT LoRA (tiedlora's exporter).
+
+    ``model`` is the trained NeMo model (e.g. ``trainer.model``; collective over model
+    parallel, rank 0 writes). Its megatron-core config gives the architecture; the base must
+    be LLaMA-shaped for PEFT to load the result (see :mod:`tiedlora.export`).
+    """
+    import tempfile
+
+    import torch.distributed as dist
+
+    from tiedlora.dist import is_main
+    from tiedlora.export import export_peft as _export
+
+    chunk = mcore_chunks(model)[0]
+    model_cfg = model_config_from_nemo(chunk.config, chunk.vocab_size)  # megatron GPTModel's vocab
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = peft.save_adapter(model, Path(tmp) / "adapter.safetensors")
+        if is_main():
+            _export(adapter, model_cfg, output, base_model_name_or_path)
+        if dist.is_initialized():
+            dist.barrier()
+    return Path(output)
+
+
 def _fitting(model: nn.Module) -> bool:
     """False only when a trainer is attached and is not fitting (validation, inference)."""
     from lightning.pytorch.trainer.states import TrainerFn
@@ -337,16 +417,3 @@ def _fitting(model: nn.Module) -> bool:
     except (AttributeError, RuntimeError):  # Lightning raises RuntimeError when detached
         return True
     return trainer is None or trainer.state.fn == TrainerFn.FITTING
-
-
-def _install_cpu_compat() -> None:
-    """Let NeMo's checkpoint loading run without CUDA (no-op when CUDA is available).
-
-    ``nemo.lightning.io.pl._fix_tensors_device`` asserts an initialised CUDA context and
-    moves loaded tensors to the current CUDA device; on the CPU there is nothing to move.
-    """
-    if torch.cuda.is_available():
-        return
-    from nemo.lightning.io import pl as nemo_pl
-
-    nemo_pl._fix_tensors_device = lambda ckpt: ckpt

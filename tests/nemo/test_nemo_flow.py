@@ -1,0 +1,133 @@
+"""The flow a NeMo 2 user runs, for real, on CPU: ``llm.finetune(..., peft=TiedLoRA("tl6"))``.
+
+Run with ``.ci/nemo-tests`` (marker ``nemo``). One process per stage (worker: flow_worker.py):
+
+1. a tiny base checkpoint (``llm.train``, one step of the full model);
+2. ``llm.finetune`` with TL6 for 4 steps from that base (NeMo adapter checkpoints every 2);
+3. the same for 2 steps, then again with ``max_steps=4`` on the same directory: NeMo's
+   AutoResume continues from the *final* checkpoint of step 2 (adapters, optimizer state
+   and the data sampler's position).
+
+Steps 3-4 of the resumed run must repeat the uninterrupted run's losses and end with the
+same adapter, bit for bit (same CPU, same op order). The final adapter is also exported as
+a Hugging Face PEFT LoRA, checked against ΔW computed here from the tiedlora file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).resolve().parent / "flow_worker.py"
+STEPS, HALF = 4, 2
+STAGE_TIMEOUT = 900  # s; ~1 min each on an idle machine, mostly NeMo's import
+EXACT = dict(atol=0.0, rtol=0.0)
+
+
+def _stage(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, str(WORKER), *args], env=env, capture_output=True, text=True,
+                         timeout=STAGE_TIMEOUT)
+    if res.returncode != 0:
+        raise AssertionError(f"flow_worker.py {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}")
+    return json.loads((Path(args[-2] if args[0] == "finetune" else args[-1]) / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    pytest.importorskip("nemo.collections.llm", reason="NeMo 2 is not installed")
+    d = tmp_path_factory.mktemp("flow")
+    base = _stage("base", str(d / "base"))
+    base_ckpt = [c for c in base["checkpoints"] if c.endswith("-last")]
+    assert len(base_ckpt) == 1, base["checkpoints"]
+    whole = _stage("finetune", base_ckpt[0], str(d / "whole"), str(STEPS))
+    _stage("finetune", base_ckpt[0], str(d / "resumed"), str(HALF))
+    resumed = _stage("finetune", base_ckpt[0], str(d / "resumed"), str(STEPS))
+    return {"dir": d, "whole": whole, "resumed": resumed}
+
+
+def _adapter(path: Path) -> dict:
+    from tiedlora.checkpoint import load_adapter
+
+    tensors, _, _ = load_adapter(path)
+    return tensors
+
+
+@pytest.mark.nemo
+def test_finetune_trains_every_tl6_factor(flow):
+    d = flow["dir"] / "whole"
+    start, end = _adapter(d / "adapter_start_0.safetensors"), _adapter(d / f"adapter_end_{STEPS}.safetensors")
+    assert set(start) == set(end) and start
+    assert set(start) == {"tied.linear_qkv.A", "tied.linear_qkv.B", "layers.0.linear_qkv.u",
+                          "layers.0.linear_qkv.v", "layers.1.linear_qkv.u", "layers.1.linear_qkv.v"}
+    for key in start:
+        assert not torch.equal(start[key], end[key]), f"{key} did not change in {STEPS} steps"
+    losses = flow["whole"]["losses"]
+    assert sorted(map(int, losses)) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.nemo
+def test_finetune_writes_adapter_only_checkpoints(flow):
+    ckpts = flow["whole"]["checkpoints"]
+    assert any(c.endswith("-last") for c in ckpts), ckpts
+    for c in ckpts:
+        weights = Path(c) / "weights"
+        assert weights.is_dir(), c
+        size = sum(p.stat().st_size for p in weights.rglob("*") if p.is_file())
+        assert size < 400_000, f"{c}: {size} bytes; an adapter checkpoint holds the adapters only"
+
+
+@pytest.mark.nemo
+def test_resume_from_final_checkpoint_repeats_the_uninterrupted_losses(flow):
+    whole, resumed = flow["whole"]["losses"], flow["resumed"]["losses"]
+    assert sorted(map(int, resumed)) == list(range(1, STEPS + 1)), resumed
+    for step in map(str, range(1, STEPS + 1)):
+        assert resumed[step] == whole[step], f"step {step}: resumed {resumed[step]} vs uninterrupted {whole[step]}"
+    d = flow["dir"]
+    a = _adapter(d / "whole" / f"adapter_end_{STEPS}.safetensors")
+    b = _adapter(d / "resumed" / f"adapter_end_{STEPS}.safetensors")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], **EXACT, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.nemo
+def test_resume_starts_from_the_saved_adapter(flow):
+    d = flow["dir"] / "resumed"
+    saved, restored = _adapter(d / f"adapter_end_{HALF}.safetensors"), _adapter(d / f"adapter_start_{HALF}.safetensors")
+    for key in saved:
+        torch.testing.assert_close(restored[key], saved[key], **EXACT, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.nemo
+def test_export_to_hf_peft_equals_tiedlora_delta(flow):
+    """PEFT's ΔW of q/k/v (lora_B @ lora_A) equals s · diag(v) B diag(u) A, split per module."""
+    from safetensors.torch import load_file
+
+    from tiedlora.checkpoint import load_adapter
+    from tiedlora.convert.layout import split_qkv
+    from tiedlora.models.gpt import ModelConfig
+
+    d = flow["dir"] / "whole"
+    tensors, cfg, _ = load_adapter(d / f"adapter_end_{STEPS}.safetensors")
+    out = d / f"hf_peft_{STEPS}"
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == cfg.rank == 4
+    assert conf["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    state = load_file(str(out / "adapter_model.safetensors"))
+    model_cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4)
+    A, B = tensors["tied.linear_qkv.A"], tensors["tied.linear_qkv.B"]  # (r, hidden), (3·hidden, r)
+    for layer in range(2):
+        u, v = tensors[f"layers.{layer}.linear_qkv.u"], tensors[f"layers.{layer}.linear_qkv.v"]
+        delta = (cfg.alpha / cfg.rank) * v[:, None] * (B @ (u[:, None] * A))
+        assert delta.abs().max() > 0
+        p = f"base_model.model.model.layers.{layer}.self_attn"
+        for m, expected in zip(("q_proj", "k_proj", "v_proj"), split_qkv(delta, model_cfg)):
+            got = state[f"{p}.{m}.lora_B.weight"] @ state[f"{p}.{m}.lora_A.weight"]
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=lambda msg: f"{p}.{m}: {msg}")
