@@ -106,15 +106,15 @@ def main_metric(metrics: dict) -> Tuple[str, float]:
 
 
 def main() -> None:
-    import hydra
+    """The command line (exits; a user's mistake ends with one message: tiedlora.cli)."""
     from omegaconf import OmegaConf
 
-    from tiedlora.config import CONF_DIR, register_configs, to_object
+    from tiedlora.cli import hydra_main
+    from tiedlora.config import to_object
 
-    register_configs()
     overrides = [a for a in sys.argv[1:] if "=" in a]
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+    @hydra_main("evaluate")
     def _run(dcfg) -> None:
         from tiedlora.finetune import run_evaluation
 

@@ -15,12 +15,21 @@ from typing import Iterable, List
 
 
 def load_results(paths: Iterable[str | Path]) -> List[dict]:
+    """The ``results.json`` files given, or found below the folders given (a missing path or
+    a file that is not one JSON object raises ``FileNotFoundError``/``ValueError`` naming it)."""
     rows = []
     for p in paths:
         p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or directory (give results.json files or run folders)")
         files = [p] if p.is_file() else sorted(p.rglob("results.json"))
         for f in files:
-            r = json.loads(f.read_text())
+            try:
+                r = json.loads(f.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{f}: not a results.json file ({e})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{f}: expected one JSON object, got {type(r).__name__}")
             r["_path"] = str(f.parent)
             rows.append(r)
     return rows
@@ -62,4 +71,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tiedlora.cli import run
+
+    run(main)

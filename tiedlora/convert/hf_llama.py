@@ -141,7 +141,10 @@ def tokenizer_path(path: os.PathLike | str) -> Path:
         return path / "tokenizer.model"
     if (path / "tokenizer.json").is_file():
         return path
-    raise CheckpointFormatError(f"{path}: no tokenizer.model or tokenizer.json")
+    raise CheckpointFormatError(
+        f"{path}: no tokenizer.model or tokenizer.json in this Hugging Face folder; set "
+        "model.tokenizer=/path/to/tokenizer.model (SentencePiece) or model.tokenizer=/path/to/folder "
+        "(one holding tokenizer.json)")
 
 
 # ------------------------------------------------------------------------------ weights
