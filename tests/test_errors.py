@@ -167,7 +167,7 @@ def test_trainer_state_that_is_not_safetensors_names_the_file(tmp_path):
     tensors, state = load_trainer_state(good)
     assert state["step"] == 3 and torch.equal(tensors["opt.exp_avg"], torch.ones(64))
     for kind, path in _bad_files(tmp_path, good).items():
-        with pytest.raises(CheckpointError, match=rf"{path}: not a readable safetensors file .*expected a {STATE_FILE}"):
+        with pytest.raises(CheckpointError, match=rf"{path}: not a readable safetensors file .*expected: trainer state file \({STATE_FILE}"):
             load_trainer_state(path)
     foreign = tmp_path / "foreign.safetensors"  # safetensors, but not ours
     save_file({"w": torch.ones(2)}, str(foreign))
@@ -184,7 +184,7 @@ def test_adapter_that_is_not_safetensors_names_the_file(tmp_path):
     good = save_adapter(tmp_path / "adapter.safetensors", {"tied.linear_qkv.A": torch.ones(8, 64)}, PeftConfig())
     assert load_adapter(good)[1].rank == PeftConfig().rank
     for kind, path in _bad_files(tmp_path, good).items():
-        with pytest.raises(CheckpointError, match=rf"{path}: not a readable safetensors file .*adapter"):
+        with pytest.raises(CheckpointError, match=rf"{path}: not a readable safetensors file .*expected: adapter file"):
             load_adapter(path)
 
 
@@ -353,4 +353,4 @@ def test_resume_from_a_broken_trainer_state_names_the_file(tmp_path, spm):
     state = latest / "trainer_state.safetensors"
     state.write_text("not a safetensors file\n")
     res = cli("tiedlora.finetune", *args[:-3], "trainer.max_steps=2", *args[-3:])
-    assert_user_error(res, f"{state}: not a readable safetensors file", "trainer_state.safetensors written by")
+    assert_user_error(res, f"{state}: not a readable safetensors file", "expected: trainer state file")

@@ -35,6 +35,7 @@ from tiedlora.peft.config import FACTORS, PeftConfig
 FORMAT = "tiedlora-adapter/1"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.safetensors"
+_ADAPTER = f"adapter file ({FORMAT} safetensors)"
 
 
 class CheckpointError(ValueError):
@@ -85,27 +86,27 @@ def read_safetensors(path: Path, what: str, tensors: bool = True) -> Tuple[Dict[
     """(tensors, metadata) of a safetensors file (no tensors when ``tensors=False``).
 
     A missing, truncated or foreign file raises :class:`CheckpointError` naming the file
-    and ``what`` was expected there (safetensors' own errors name neither).
+    and ``what`` it should be, e.g. ``"adapter file"`` (safetensors' own errors name neither).
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (expected {what})")
+        raise CheckpointError(f"{path}: no such {what}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types (SafetensorError, OSError)
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); expected {what}") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); expected: {what}") from None
     return out, meta
 
 
 def read_metadata(path: Path) -> dict:
     """The metadata of an adapter file; checks its format."""
-    _, meta = read_safetensors(path, f"a {FORMAT} adapter file", tensors=False)
+    _, meta = read_safetensors(path, _ADAPTER, tensors=False)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format={meta.get('format')!r}, expected {FORMAT!r}")
     if "peft_config" not in meta:
-        raise CheckpointError(f"{path}: no 'peft_config' in its metadata (expected a {FORMAT} adapter file)")
+        raise CheckpointError(f"{path}: no 'peft_config' in its metadata; expected: {_ADAPTER}")
     return meta
 
 
@@ -119,21 +120,21 @@ def load_adapter(path: Path) -> Tuple[Dict[str, torch.Tensor], PeftConfig, dict]
         cfg = peft_from_dict(json.loads(meta["peft_config"]))
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable 'peft_config' metadata ({e})") from None
-    tensors, _ = read_safetensors(path, f"a {FORMAT} adapter file")
+    tensors, _ = read_safetensors(path, _ADAPTER)
     return tensors, cfg, meta
 
 
 def load_trainer_state(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """(optimizer/RNG tensors, trainer state dict) of a ``trainer_state.safetensors`` file."""
-    what = f"a {STATE_FILE} written by tiedlora.finetune"
+    what = f"trainer state file ({STATE_FILE} of a tiedlora.finetune checkpoint)"
     tensors, meta = read_safetensors(path, what)
     try:
         state = json.loads(meta["trainer"])
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: no readable 'trainer' metadata ({type(e).__name__}: {e}); "
-                              f"expected {what}") from None
+                              f"expected: {what}") from None
     if not isinstance(state, dict) or "step" not in state or "sampler" not in state:
-        raise CheckpointError(f"{path}: its 'trainer' metadata lacks 'step'/'sampler'; expected {what}")
+        raise CheckpointError(f"{path}: its 'trainer' metadata lacks 'step'/'sampler'; expected: {what}")
     return tensors, state
 
 

@@ -120,7 +120,13 @@ def main() -> None:
 
         saved = Path(dcfg.output_dir) / "config.yaml"
         if saved.is_file():  # a fine-tuning run: start from its resolved config
-            base = OmegaConf.merge(OmegaConf.structured(type(to_object(dcfg))), OmegaConf.load(saved))
+            import yaml
+
+            try:
+                run_cfg = OmegaConf.load(saved)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{saved}: not a readable config.yaml ({e})") from None
+            base = OmegaConf.merge(OmegaConf.structured(type(to_object(dcfg))), run_cfg)
             # then the command line's explicit field overrides, as Hydra parsed them
             for o in overrides:
                 key = o.split("=", 1)[0].lstrip("+~")
