@@ -269,6 +269,12 @@ def test_report_names_a_malformed_results_file(tmp_path, monkeypatch, capsys):
                        f"{bad}: not a results.json file")
 
 
+def test_evaluate_names_an_unreadable_run_config(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+    status, err = run_main("tiedlora.evaluate", f"output_dir={tmp_path}", monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_message(status, err, f"{tmp_path / 'config.yaml'}: not a readable config.yaml")
+
+
 def test_only_rank_0_prints_and_every_rank_exits_non_zero(monkeypatch, capsys):
     for rank, expect in (("0", 1), ("1", 0)):
         status, err = run_main("tiedlora.params", "peft.rank=0", env={"RANK": rank, "WORLD_SIZE": "2"},
