@@ -211,8 +211,12 @@ class WeightFiles:
             return self._bin(name)[key]
         from safetensors import safe_open
 
-        with safe_open(str(self.path / name), framework="pt") as f:
-            return f.get_tensor(key)
+        try:
+            with safe_open(str(self.path / name), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors name no file
+            raise CheckpointFormatError(f"{self.path / name}: not a readable safetensors file ({e}); "
+                                        f"expected the shard holding {key!r}") from None
 
     def lazy(self, key: str) -> Callable[[], torch.Tensor]:
         return lambda: self.read(key)
