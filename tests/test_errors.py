@@ -199,6 +199,18 @@ def test_base_weights_that_are_not_safetensors_name_the_file(tmp_path):
         load_base([], bad, ModelConfig())
 
 
+def test_corrupt_hugging_face_shard_names_the_file(tmp_path):
+    from tiedlora.convert import CheckpointFormatError
+    from tiedlora.convert.hf_llama import ST_INDEX, WeightFiles
+
+    key = "model.embed_tokens.weight"
+    (tmp_path / ST_INDEX).write_text(json.dumps({"weight_map": {key: "model-00001-of-00001.safetensors"}}))
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    shard.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointFormatError, match=rf"{shard}: not a readable safetensors file .*{key}"):
+        WeightFiles(tmp_path).read(key)
+
+
 # ----------------------------------------------------------------- the command lines
 def run_main(module, *args, monkeypatch, capsys, env=None):
     """``python -m <module> ARGS`` in this process (imports once: fast): (exit status, stderr).
