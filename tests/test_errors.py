@@ -294,6 +294,17 @@ def test_only_rank_0_prints_and_every_rank_exits_non_zero(monkeypatch, capsys):
         assert status == 2 and err.count("error: ") == expect, (rank, err)
 
 
+def test_a_job_run_by_a_launcher_elsewhere_hands_the_mistake_back(monkeypatch, capsys):
+    """In a Slurm job (another process) the mistake is raised so the launcher returns it to
+    the submitting process, which reports it once (after Hydra's line naming the job)."""
+    import tiedlora.cli
+
+    monkeypatch.setattr(tiedlora.cli, "_in_entry_process", lambda: False)
+    status, err = run_main("tiedlora.finetune", "peft.rank=0", monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 2 and err.count("error: peft.rank=0") == 1 and "Traceback" not in err, err
+    assert "Error executing job" in err  # it went back through Hydra's job result, not SystemExit
+
+
 def test_real_processes_print_one_message_and_no_traceback(tmp_path):
     """The same through real processes: a Hydra command and a plain one."""
     assert_user_error(cli("tiedlora.finetune", "trainer.max_steps=[1"), "trainer.max_steps=[1")

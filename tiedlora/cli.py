@@ -35,6 +35,8 @@ prints its own report ("Error executing job ...", a trimmed traceback); the wrap
 catches a user's mistake inside the task, before Hydra sees it, and turns on Hydra's
 ``HYDRA_FULL_ERROR`` re-raising around Hydra's own steps (override parsing, composition),
 so those reach :func:`run` too. A Hydra multirun stops at the first job with a mistake.
+A job that a launcher runs in another process (``hydra/launcher=slurm``) raises the
+mistake as usual; the launcher hands it back and the submitting process reports it.
 """
 
 from __future__ import annotations
@@ -130,6 +132,16 @@ def run(main: Callable[[], Any]) -> NoReturn:
     sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
 
 
+_ENTRY_PID: Optional[int] = None  # the process whose command line hydra_main parsed
+
+
+def _in_entry_process() -> bool:
+    """False inside a job that a Hydra launcher runs in another process (Slurm, submitit):
+    there a mistake is raised as usual, so the launcher hands it back to the process that
+    submitted it, which reports it. (Module-level, so a pickled job reads its own process.)"""
+    return _ENTRY_PID == os.getpid()
+
+
 @contextlib.contextmanager
 def _full_error_env(value: Optional[str]) -> Iterator[None]:
     old = os.environ.get(FULL_ERROR_ENV)
@@ -164,6 +176,8 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
 
             from tiedlora.config import CONF_DIR, register_configs
 
+            global _ENTRY_PID
+            _ENTRY_PID = os.getpid()
             users_setting = os.environ.get(FULL_ERROR_ENV)
 
             @functools.wraps(task)  # Hydra unwraps it: job name and paths come from `task`
@@ -172,6 +186,8 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
                     try:
                         return task(dcfg)
                     except Exception as e:  # noqa: BLE001 - sorted by report_user_error
+                        if not _in_entry_process():
+                            raise
                         # SystemExit passes through Hydra's job runner (it catches Exception only)
                         raise SystemExit(report_user_error(e)) from None
 
