@@ -30,8 +30,8 @@ file, line, field and value; code that finds its own invariant broken uses ``ass
 
 Two wrappers apply this: :func:`run` for a plain ``main()`` (argparse commands), and
 :func:`hydra_main` for a Hydra task function; a ``main()`` that returns its status itself
-calls :func:`report_user_error` from its ``except`` clause. Hydra catches a task's exceptions itself and
-prints its own report ("Error executing job ...", a trimmed traceback); the wrapper
+calls :func:`report_user_error` from its ``except`` clause. Hydra catches a task's
+exceptions itself and prints its own report ("Error executing job ...", a trimmed traceback); the wrapper
 catches a user's mistake inside the task, before Hydra sees it, and turns on Hydra's
 ``HYDRA_FULL_ERROR`` re-raising around Hydra's own steps (override parsing, composition),
 so those reach :func:`run` too. A Hydra multirun stops at the first job with a mistake.
@@ -47,7 +47,8 @@ import os
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
-__all__ = ["EXIT_USER_ERROR", "MissingPackageError", "UserError", "describe", "hydra_main", "is_user_error", "report_user_error", "run"]
+__all__ = ["EXIT_USER_ERROR", "MissingPackageError", "UserError", "describe", "hydra_main",
+           "is_user_error", "report_user_error", "run"]
 
 EXIT_USER_ERROR = 2  # the usual status for a usage error (argparse exits with it too)
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
