@@ -8,6 +8,7 @@ apart from the one resume test that trains a random-init tiny model for a step.
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -228,8 +229,15 @@ def run_main(module, *args, monkeypatch, capsys, env=None):
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(sys, "argv", [module, *map(str, args)])
     mod = importlib.import_module(module)
-    with pytest.raises(SystemExit) as exc:
-        run(mod.main)
+    # Hydra configures logging for its job (disabling every existing logger): undo it after
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    saved = [(lg, lg.disabled, lg.level, list(lg.handlers), lg.propagate) for lg in [logging.root, *loggers]]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run(mod.main)
+    finally:
+        for lg, disabled, level, handlers, propagate in saved:
+            lg.disabled, lg.level, lg.handlers, lg.propagate = disabled, level, handlers, propagate
     return exc.value.code, capsys.readouterr().err
 
 
