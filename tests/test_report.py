@@ -139,9 +139,8 @@ def test_pareto_front():
     assert report.pareto_front(pts) == [(50, 12.0), (400, 20.0)]
 
 
-def test_bad_results_file_is_named(tmp_path, capsys):
+def test_bad_results_file_is_named(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "results.json").write_text("{not json")
-    assert report.main([str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "results.json" in err and "not a readable results.json" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="results.json: not a results.json file"):
+        report.main([str(tmp_path)])

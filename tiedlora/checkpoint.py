@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from tiedlora.peft.config import FACTORS, PeftConfig
 
 FORMAT = "tiedlora-adapter/1"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.safetensors"
+_ADAPTER = f"adapter file ({FORMAT} safetensors)"
 
 
 class CheckpointError(ValueError):
@@ -81,17 +82,31 @@ def save_adapter(path: Path, tensors: Dict[str, torch.Tensor], peft_cfg: PeftCon
     return Path(path)
 
 
-def read_metadata(path: Path) -> dict:
+def read_safetensors(path: Path, what: str, tensors: bool = True) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file (no tensors when ``tensors=False``).
+
+    A missing, truncated or foreign file raises :class:`CheckpointError` naming the file
+    and ``what`` it should be, e.g. ``"adapter file"`` (safetensors' own errors name neither).
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such adapter file")
+        raise CheckpointError(f"{path}: no such {what}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            out = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types (SafetensorError, OSError)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); expected: {what}") from None
+    return out, meta
+
+
+def read_metadata(path: Path) -> dict:
+    """The metadata of an adapter file; checks its format."""
+    _, meta = read_safetensors(path, _ADAPTER, tensors=False)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format={meta.get('format')!r}, expected {FORMAT!r}")
+    if "peft_config" not in meta:
+        raise CheckpointError(f"{path}: no 'peft_config' in its metadata; expected: {_ADAPTER}")
     return meta
 
 
@@ -101,8 +116,26 @@ def load_adapter(path: Path) -> Tuple[Dict[str, torch.Tensor], PeftConfig, dict]
     if path.is_dir():
         path = path / ADAPTER_FILE
     meta = read_metadata(path)
-    cfg = peft_from_dict(json.loads(meta["peft_config"]))
-    return load_file(str(path)), cfg, meta
+    try:
+        cfg = peft_from_dict(json.loads(meta["peft_config"]))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable 'peft_config' metadata ({e})") from None
+    tensors, _ = read_safetensors(path, _ADAPTER)
+    return tensors, cfg, meta
+
+
+def load_trainer_state(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(optimizer/RNG tensors, trainer state dict) of a ``trainer_state.safetensors`` file."""
+    what = f"trainer state file ({STATE_FILE} of a tiedlora.finetune checkpoint)"
+    tensors, meta = read_safetensors(path, what)
+    try:
+        state = json.loads(meta["trainer"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: no readable 'trainer' metadata ({type(e).__name__}: {e}); "
+                              f"expected: {what}") from None
+    if not isinstance(state, dict) or "step" not in state or "sampler" not in state:
+        raise CheckpointError(f"{path}: its 'trainer' metadata lacks 'step'/'sampler'; expected: {what}")
+    return tensors, state
 
 
 def check_compatible(saved: PeftConfig, current: PeftConfig, where: str = "adapter") -> None:

@@ -106,21 +106,27 @@ def main_metric(metrics: dict) -> Tuple[str, float]:
 
 
 def main() -> None:
-    import hydra
+    """The command line (exits; a user's mistake ends with one message: tiedlora.cli)."""
     from omegaconf import OmegaConf
 
-    from tiedlora.config import CONF_DIR, register_configs, to_object
+    from tiedlora.cli import hydra_main
+    from tiedlora.config import to_object
 
-    register_configs()
     overrides = [a for a in sys.argv[1:] if "=" in a]
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+    @hydra_main("evaluate")
     def _run(dcfg) -> None:
         from tiedlora.finetune import run_evaluation
 
         saved = Path(dcfg.output_dir) / "config.yaml"
         if saved.is_file():  # a fine-tuning run: start from its resolved config
-            base = OmegaConf.merge(OmegaConf.structured(type(to_object(dcfg))), OmegaConf.load(saved))
+            import yaml
+
+            try:
+                run_cfg = OmegaConf.load(saved)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{saved}: not a readable config.yaml ({e})") from None
+            base = OmegaConf.merge(OmegaConf.structured(type(to_object(dcfg))), run_cfg)
             # then the command line's explicit field overrides, as Hydra parsed them
             for o in overrides:
                 key = o.split("=", 1)[0].lstrip("+~")

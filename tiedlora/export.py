@@ -202,6 +202,6 @@ def main(argv: Optional[List[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    from tiedlora.merge import run_cli
+    from tiedlora.cli import run
 
-    run_cli(main)
+    run(main)

@@ -100,13 +100,22 @@ def resolve_base(model_cfg: ModelConfig):
 def load_tokenizer(path, model_cfg: ModelConfig):
     from tiedlora.data.tokenizers import build_tokenizer
 
+    hint = ("set model.tokenizer=/path/to/tokenizer.model (SentencePiece) or "
+            "model.tokenizer=/path/to/folder (one holding tokenizer.json)")
     if path is None:
-        raise ValueError(f"model {model_cfg.name!r}: no tokenizer; set model.tokenizer=/path/to/tokenizer")
+        raise ValueError(f"model {model_cfg.name!r}: no tokenizer; {hint}")
     p = Path(path)
+    if p.is_dir() and not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"tokenizer folder {p} holds no tokenizer.json or tokenizer_config.json; {hint}")
     kind = "sentencepiece" if p.suffix == ".model" else "huggingface"
     tok = build_tokenizer(kind, str(p))
-    if tok.vocab_size > model_cfg.padded_vocab_size():
-        raise ValueError(f"tokenizer {p} has {tok.vocab_size} tokens > model.vocab_size={model_cfg.vocab_size}")
+    # Ids at or above model.vocab_size would land on the padding rows megatron adds to the
+    # embedding table: they train there, but no exported (Hugging Face, .nemo) model has them.
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer {p} has {tok.vocab_size} tokens but model.vocab_size="
+                         f"{model_cfg.vocab_size}: the model has no embedding row for ids "
+                         f"{model_cfg.vocab_size}..{tok.vocab_size - 1}; use the base model's own "
+                         "tokenizer (model.tokenizer=...) or set model.vocab_size to the checkpoint's")
     return tok
 
 
@@ -153,6 +162,19 @@ def _prepare_task(task: TaskConfig):
         return prepare_files(task)
 
 
+def _read_task_data(task: TaskConfig, splits=("train", "validation")) -> dict:
+    """Every split the run reads (``splits`` and the evaluation split), read and checked
+    line by line: ``{"files": {split: path}, split: records, ...}``. Called before any base
+    weights are loaded, so a mistake in the data is reported at once."""
+    from tiedlora.data.sft import read_jsonl
+
+    files = _prepare_task(task)
+    out = {"files": files}
+    for split in dict.fromkeys((*splits, task.eval_split)):
+        out[split] = read_jsonl(files[split])
+    return out
+
+
 def _param_counts(chunks, model_cfg: ModelConfig, peft_cfg: PeftConfig) -> dict:
     shapes = {t: model_cfg.target_shape(t) for t in peft_cfg.target_modules}
     trainable = peft_cfg.trainable_count(shapes, model_cfg.num_layers)
@@ -189,7 +211,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     from megatron.core import parallel_state as ps
 
-    from tiedlora.data.sft import MicroBatchSampler, SFTDataset, collate, read_jsonl
+    from tiedlora.data.sft import MicroBatchSampler, SFTDataset, collate
     from tiedlora.dist import init_distributed, shutdown
     from tiedlora.peft import adapter_state_dict, finalize_adapter_grads, load_adapter_state_dict
     from tiedlora.training import (PreemptionFlag, build_optimizer, clip_adapter_grads,
@@ -199,23 +221,27 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     t_start = time.time()
     out = Path(cfg.output_dir)
+    # ---- data first: a bad line is reported before minutes of loading base weights
+    records = _read_task_data(cfg.task)
     weights, tok_path = resolve_base(cfg.model)
-    files = _prepare_task(cfg.task)
-    init_distributed(cfg.parallel, seed=cfg.trainer.seed)
-    rank0 = _is_rank0()
-    preempt = PreemptionFlag(cfg.trainer.preempt_signals)
     tokenizer = load_tokenizer(tok_path, cfg.model)
-    chunks = build_model(cfg.model, cfg.peft, cfg.parallel, weights)
-    counts = _param_counts(chunks, cfg.model, cfg.peft)
-
-    # ---- data
     max_len = min(cfg.task.max_length, cfg.model.seq_length)
     ds_kw = dict(tokenizer=tokenizer, template=cfg.task.template, max_length=max_len,
                  add_bos=cfg.task.add_bos, add_eos=cfg.task.add_eos,
                  answer_only_loss=cfg.task.answer_only_loss)
-    train_ds = SFTDataset(files["train"], **ds_kw)
-    val_ds = SFTDataset(files["validation"], **ds_kw)
-    eval_records = read_jsonl(files[cfg.task.eval_split])
+    files = records["files"]
+    train_ds = SFTDataset(files["train"], records=records["train"], **ds_kw)
+    val_ds = SFTDataset(files["validation"], records=records["validation"], **ds_kw)
+    eval_records = records[cfg.task.eval_split]
+
+    # ---- model
+    init_distributed(cfg.parallel, seed=cfg.trainer.seed)
+    rank0 = _is_rank0()
+    preempt = PreemptionFlag(cfg.trainer.preempt_signals)
+    chunks = build_model(cfg.model, cfg.peft, cfg.parallel, weights)
+    counts = _param_counts(chunks, cfg.model, cfg.peft)
+
+    # ---- batching
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     sampler = MicroBatchSampler(len(train_ds), cfg.trainer.global_batch_size,
                                 cfg.trainer.micro_batch_size, dp_rank, dp, cfg.trainer.seed)
@@ -243,12 +269,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         tensors, saved_cfg, meta = ckpt.load_adapter(latest)
         ckpt.check_compatible(saved_cfg, cfg.peft, where=str(latest / ckpt.ADAPTER_FILE))
         load_adapter_state_dict(chunks, tensors)
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        ts = load_file(str(latest / ckpt.STATE_FILE))
-        with safe_open(str(latest / ckpt.STATE_FILE), framework="pt") as f:
-            state.update(json.loads(f.metadata()["trainer"]))
+        ts, trainer_state = ckpt.load_trainer_state(latest / ckpt.STATE_FILE)
+        state.update(trainer_state)
         exact = load_training_state_tensors(chunks, optimizer, ts)
         sampler.load_state_dict(state.pop("sampler"))
         _say(f"[tiedlora] resumed from {latest} at step {state['step']}"
@@ -438,23 +460,22 @@ def _print_summary(r: dict, train_wall: float) -> None:
 
 def run_evaluation(cfg: FinetuneConfig) -> dict:
     """Evaluate a saved adapter (``python -m tiedlora.evaluate``)."""
-    from tiedlora.data.sft import read_jsonl
     from tiedlora.dist import init_distributed, shutdown
     from tiedlora.peft import load_adapter_state_dict
 
     t0 = time.time()
     out = Path(cfg.output_dir)
+    if cfg.parallel.pp > 1:
+        raise ValueError(f"parallel.pp={cfg.parallel.pp}: evaluation runs with parallel.pp=1 "
+                         "(adapters are layout-independent)")
     adapter_path = Path(cfg.adapter) if cfg.adapter else out / ckpt.ADAPTER_FILE
     tensors, saved_peft, meta = ckpt.load_adapter(adapter_path)
+    records = _read_task_data(cfg.task, splits=())[cfg.task.eval_split]  # data before weights
     weights, tok_path = resolve_base(cfg.model)
-    files = _prepare_task(cfg.task)
-    if cfg.parallel.pp > 1:
-        raise ValueError("evaluation runs with parallel.pp=1 (adapters are layout-independent)")
-    init_distributed(cfg.parallel, seed=cfg.trainer.seed)
     tokenizer = load_tokenizer(tok_path, cfg.model)
+    init_distributed(cfg.parallel, seed=cfg.trainer.seed)
     chunks = build_model(cfg.model, saved_peft, cfg.parallel, weights)
     load_adapter_state_dict(chunks, tensors)
-    records = read_jsonl(files[cfg.task.eval_split])
     metrics, rows = _evaluate(chunks, tokenizer, cfg.task, records, cfg.model, cfg.eval)
     previous = {}
     if (out / "results.json").is_file():
@@ -483,10 +504,11 @@ class ComparisonTable:
         self.dirs: List[str] = []
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        try:
-            value = job_return.return_value
-        except Exception:  # failed job: Hydra reports it
+        from hydra.core.utils import JobStatus
+
+        if job_return.status != JobStatus.COMPLETED:  # failed job: reported once, elsewhere
             return
+        value = job_return.return_value
         if isinstance(value, dict) and value.get("adapter"):
             self.dirs.append(str(Path(value["adapter"]).parent))
 
@@ -511,16 +533,14 @@ class ComparisonTable:
 
 
 def main() -> None:
-    import hydra
-
-    from tiedlora.config import CONF_DIR, register_configs, to_object
-
-    register_configs()
+    """The command line (exits; a user's mistake ends with one message: tiedlora.cli)."""
+    from tiedlora.cli import hydra_main
+    from tiedlora.config import to_object
     from tiedlora.launch.hydra_slurm import register as register_slurm_launcher
 
     register_slurm_launcher()  # hydra/launcher=slurm (conf/launcher clusters; needs the `slurm` extra)
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
+    @hydra_main("finetune")
     def _run(dcfg):
         return run_finetune(to_object(dcfg))
 

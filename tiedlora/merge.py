@@ -166,7 +166,7 @@ def model_from_overrides(overrides: List[str]) -> ModelConfig:
 
     bad = [o for o in overrides if not o.lstrip("+~").startswith("model")]
     if bad:
-        raise SystemExit(f"only model=<preset> / model.<field>=<value> overrides are accepted, got {bad}")
+        raise ValueError(f"only model=<preset> / model.<field>=<value> overrides are accepted, got {bad}")
     return to_object(compose("params", overrides)).model
 
 
@@ -212,15 +212,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     return out
 
 
-def run_cli(main_fn) -> None:
-    """Run an entry point; a bad input ends with its one-line message (exit status 2)."""
-    from tiedlora.checkpoint import CheckpointError
-
-    try:
-        main_fn()
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    from tiedlora.cli import run
+
+    run(main)

@@ -204,4 +204,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tiedlora.cli import run
+
+    run(main)

@@ -107,18 +107,17 @@ def render_table(rows: List[dict]) -> str:
 
 
 def main() -> None:
-    import hydra
-
-    from tiedlora.config import CONF_DIR, register_configs, to_object
+    """The command line (exits; a user's mistake ends with one message: tiedlora.cli)."""
+    from tiedlora.cli import hydra_main
+    from tiedlora.config import to_object
     from tiedlora.dist import init_distributed, shutdown
     from tiedlora.models.gpt import ParallelConfig
 
     # Friendly flags on top of Hydra overrides.
     sys.argv = [{"--all": "all=true", "--json": "format=json"}.get(a, a) for a in sys.argv]
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    register_configs()
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="params")
+    @hydra_main("params")
     def _run(dcfg) -> None:
         cfg: ParamsConfig = to_object(dcfg)
         init_distributed(ParallelConfig())

@@ -299,4 +299,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tiedlora.cli import run
+
+    run(main)

@@ -36,7 +36,6 @@ import io
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -56,19 +55,22 @@ LIVE_STATES = ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "S
 
 # ----------------------------------------------------------------------------- runs
 def load_results(paths: Iterable[str | Path]) -> List[dict]:
-    """Every ``results.json`` below ``paths`` (or the files themselves), with ``_path``, ``seed``
-    and ``lr`` added from the ``config.yaml`` beside it where there is one."""
+    """Every ``results.json`` given, or found below the folders given, with ``_path``, ``seed``
+    and ``lr`` added from the ``config.yaml`` beside it where there is one. A missing path or
+    a file that is not one JSON object raises ``FileNotFoundError``/``ValueError`` naming it."""
     rows = []
     for p in paths:
         p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or directory (give results.json files or run folders)")
         files = [p] if p.is_file() else sorted(p.rglob("results.json"))
         for f in files:
             try:
                 r = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{f}: not a readable results.json ({e})") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{f}: not a results.json file ({e})") from None
             if not isinstance(r, dict):
-                raise ValueError(f"{f}: expected a JSON object, got {type(r).__name__}")
+                raise ValueError(f"{f}: expected one JSON object, got {type(r).__name__}")
             r["_path"] = str(f.parent)
             cfg = _run_config(f.parent)
             r.setdefault("seed", _get(cfg, "trainer", "seed"))
@@ -420,8 +422,10 @@ def write_figures(cells: Dict[tuple, Cell], out: Path) -> List[Path]:
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("figures need matplotlib: pip install 'tiedlora[report]' "
-                          "(or run with --no-figures)") from None
+        from tiedlora.cli import MissingPackageError
+
+        raise MissingPackageError("figures need matplotlib: pip install 'tiedlora[report]' "
+                                  "(or run with --no-figures)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
@@ -552,29 +556,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.json:
-            print(json.dumps(load_results(args.folders), indent=2))
-            return 0
-        rows = load_results(args.folders)
-        print(render(rows))
-        if not rows and not any((Path(f) / "sweep.json").is_file() for f in args.folders):
-            return 0
-        if len(args.folders) > 1 and args.out is None:
-            raise ValueError("several folders: name one --out folder for the report files")
-        for f in args.folders:
-            root = Path(f)
-            out = Path(args.out) if args.out else root / REPORT_DIR
-            res = write_report(root, out, figures=not args.no_figures)
-            n_missing = len(res["missing"])
-            print(f"\nreport: {len(res['written'])} files in {out} "
-                  f"({len(res['cells'])} cells with results, {n_missing} missing"
-                  + (f": see {out / 'missing.md'})" if n_missing else ")"))
-    except (ValueError, ImportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.json:
+        print(json.dumps(load_results(args.folders), indent=2))
+        return 0
+    rows = load_results(args.folders)
+    print(render(rows))
+    if not rows and not any((Path(f) / "sweep.json").is_file() for f in args.folders):
+        return 0
+    if len(args.folders) > 1 and args.out is None:
+        raise ValueError("several folders: name one --out folder for the report files")
+    for f in args.folders:
+        root = Path(f)
+        out = Path(args.out) if args.out else root / REPORT_DIR
+        res = write_report(root, out, figures=not args.no_figures)
+        n_missing = len(res["missing"])
+        print(f"\nreport: {len(res['written'])} files in {out} "
+              f"({len(res['cells'])} cells with results, {n_missing} missing"
+              + (f": see {out / 'missing.md'})" if n_missing else ")"))
     return 0
 
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from tiedlora.cli import run
+
+    run(main)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from tiedlora.checkpoint import atomic_write_text
+from tiedlora.cli import report_user_error
 from tiedlora.launch.cluster import ClusterConfig, load_cluster
 from tiedlora.launch.sbatch import OUTPUT_DIR_ENV, OUTPUT_DIR_OVERRIDE, JobSpec, hydra_quote, render_script
 
@@ -82,7 +83,7 @@ def expand_overrides(overrides: Sequence[str]) -> List[List[str]]:
     parser = OverridesParser.create()
     choices = []
     for text in overrides:
-        ov = parser.parse_override(text)
+        ov = parser.parse_overrides([text])[0]  # (its errors name the override)
         if ov.is_sweep_override():
             key = ov.get_key_element()
             choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
@@ -378,9 +379,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not args.dry_run:
                 raise ValueError(msg)
             print(f"warning: {msg}", file=sys.stderr)
-    except ValueError as e:
-        print(f"tiedlora.submit: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - a user's mistake -> one message, status 2; a bug re-raises
+        return report_user_error(e)
     python = cluster.python or sys.executable
     tag = re.sub(r"[^A-Za-z0-9._-]+", "_", sweep_dir.name)[:40]
     plan = write_scripts(cluster, jobs, sweep_dir, array=not args.no_array, with_eval=args.eval,
@@ -415,4 +415,6 @@ def _asdict(cluster: ClusterConfig) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tiedlora.cli import run
+
+    run(main)

@@ -141,7 +141,10 @@ def tokenizer_path(path: os.PathLike | str) -> Path:
         return path / "tokenizer.model"
     if (path / "tokenizer.json").is_file():
         return path
-    raise CheckpointFormatError(f"{path}: no tokenizer.model or tokenizer.json")
+    raise CheckpointFormatError(
+        f"{path}: no tokenizer.model or tokenizer.json in this Hugging Face folder; set "
+        "model.tokenizer=/path/to/tokenizer.model (SentencePiece) or model.tokenizer=/path/to/folder "
+        "(one holding tokenizer.json)")
 
 
 # ------------------------------------------------------------------------------ weights
@@ -208,8 +211,12 @@ class WeightFiles:
             return self._bin(name)[key]
         from safetensors import safe_open
 
-        with safe_open(str(self.path / name), framework="pt") as f:
-            return f.get_tensor(key)
+        try:
+            with safe_open(str(self.path / name), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors name no file
+            raise CheckpointFormatError(f"{self.path / name}: not a readable safetensors file ({e}); "
+                                        f"expected the shard holding {key!r}") from None
 
     def lazy(self, key: str) -> Callable[[], torch.Tensor]:
         return lambda: self.read(key)

@@ -323,7 +323,7 @@ def tokenizer_member(archive: NemoArchive, ycfg: dict) -> str:
         return models[0]
     raise CheckpointFormatError(
         f"{archive.path}: cannot find the tokenizer (tokenizer.model={ref!r}) in the archive; "
-        f".model files present: {models}")
+        f".model files present: {models}; set model.tokenizer=/path/to/tokenizer.model")
 
 
 def _spm_vocab_size(data: bytes, where: str) -> int:

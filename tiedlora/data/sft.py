@@ -1,6 +1,6 @@
 """Supervised fine-tuning data: NeMo's SFT JSONL, prompt templates, batching.
 
-File format (one JSON object a line, UTF-8)::
+File format (one JSON object a line, UTF-8; a byte-order mark opening the file is skipped)::
 
     {"input": "Context: ... Question: ...", "output": "Tovin"}
     {"input": "...", "output": "barks.", "choices": ["meows.", "barks.", ...], "label": 1}
@@ -113,7 +113,8 @@ def _check_record(obj: Any, required: Sequence[str]) -> str | None:
 def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("input", "output")) -> list[dict]:
     """Read and validate a whole SFT JSONL file; blank lines are skipped.
 
-    Every line is checked before anything is returned. Raises ``FileNotFoundError`` for
+    A UTF-8 byte-order mark at the start of the file is skipped. Every line is checked
+    before anything is returned. Raises ``FileNotFoundError`` for
     a missing file and :class:`DataError` (naming the file, the 1-based line number and
     the reason for each bad line) for bad UTF-8, bad JSON, a non-object, a missing or
     non-string required key, bad ``choices``/``label``, or a file with no records.
@@ -125,12 +126,18 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("input", "out
     errors: list[tuple[int, str]] = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            # a byte-order mark opening the file is skipped, as other JSON Lines readers do
+            encoding = "utf-8-sig" if lineno == 1 else "utf-8"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(encoding)
             except UnicodeDecodeError as e:
                 errors.append((lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})"))
                 continue
             if not line.strip():
+                continue
+            if line.startswith("\ufeff"):
+                errors.append((lineno, "a UTF-8 byte-order mark (U+FEFF) starts this line; only the "
+                                       "file's first line may carry one (were files concatenated?)"))
                 continue
             try:
                 obj = json.loads(line)
@@ -230,7 +237,8 @@ def _encode_example(
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """A tokenised SFT JSONL file (tokenised once, at construction).
+    """A tokenised SFT JSONL file (tokenised once, at construction). ``records``: the
+    file's records when the caller has already read them with :func:`read_jsonl`.
 
     ``dataset[i]`` is ``{"input_ids": list[int], "loss_mask": list[int],
     "prompt_len": int, "index": i}`` with ``len(input_ids) <= max_length``;
@@ -248,6 +256,7 @@ class SFTDataset(torch.utils.data.Dataset):
         add_eos: bool = True,
         answer_only_loss: bool = True,
         truncation: str = "prompt_left",
+        records: Sequence[dict] | None = None,
     ):
         if truncation not in TRUNCATION_MODES:
             raise ValueError(f"truncation={truncation!r}; expected one of {list(TRUNCATION_MODES)}")
@@ -259,7 +268,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         self.template = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
         self.max_length = max_length
-        self.records = read_jsonl(self.path)
+        self.records = read_jsonl(self.path) if records is None else list(records)
         self.prompts: list[str] = []
         self._examples: list[dict] = []
         self.num_truncated = 0

@@ -130,7 +130,9 @@ class HFTokenizer(Tokenizer):
         try:
             from transformers import AutoTokenizer
         except ImportError as e:  # pragma: no cover - exercised by a monkeypatched test
-            raise ImportError(
+            from tiedlora.cli import MissingPackageError
+
+            raise MissingPackageError(
                 f"HFTokenizer({str(name_or_path)!r}) needs the 'transformers' package, "
                 "which is not installed; install it with `pip install 'tiedlora[hf]'` "
                 "or use tokenizer kind 'sentencepiece' with a .model file"

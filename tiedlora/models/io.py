@@ -40,7 +40,12 @@ def load_base(chunks: List[nn.Module], path: Path, model_cfg) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.checkpoint={str(path)!r}: no such file")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types name no file
+        raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e}); expected a "
+                                    f"{FORMAT} base-weights file") from None
+    with handle as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CheckpointFormatError(

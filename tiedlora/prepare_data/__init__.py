@@ -159,6 +159,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from tiedlora.cli import UserError
+
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -166,16 +168,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     bad = [a for a in argv if "=" not in a]
     if bad:
-        sys.exit(f"prepare_data: arguments are key=value, got {bad} (try --help)")
+        raise UserError(f"prepare_data: arguments are key=value, got {bad} (try --help)")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.from_dotlist(argv))
         cfg = OmegaConf.to_object(merged)
         info = prepare(cfg)
     except (ValueError, TypeError, FileNotFoundError, ImportError, OmegaConfBaseException) as e:
-        sys.exit(f"prepare_data task={dict(a.split('=', 1) for a in argv).get('task', '?')}: {e}")
+        # a missing optional package (datasets) or a source row of the wrong type is the input's fault too
+        raise UserError(f"prepare_data task={dict(a.split('=', 1) for a in argv).get('task', '?')}: {e}") from e
     counts = ", ".join(f"{s} {v['examples']:,} (from {v['from']})" for s, v in info["splits"].items())
     print(f"{cfg.task}: wrote {cfg.output}/{{train,validation,test}}.jsonl: {counts}")
 
 
 if __name__ == "__main__":
-    main()
+    from tiedlora.cli import run
+
+    run(main)

@@ -22,6 +22,7 @@ need only the standard library; Parquet and Arrow need ``pyarrow`` and the hub n
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -171,15 +172,15 @@ def read_file(path: Path) -> Iterator[Tuple[int, dict]]:
         for n, row in enumerate(table.to_pylist(), start=1):
             yield n, row
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is skipped
             for n, row in enumerate(csv.DictReader(f), start=1):
                 yield n, row
     else:  # .jsonl, or .json: JSON Lines (datasets' to_json) or one array of objects
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
         if path.suffix == ".json" and head.startswith(b"["):
             try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
+                rows = json.loads(path.read_text(encoding="utf-8-sig"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConversionError([(str(path), 0, f"bad JSON: {e}")]) from None
             for n, row in enumerate(rows, start=1):
@@ -190,7 +191,7 @@ def read_file(path: Path) -> Iterator[Tuple[int, dict]]:
                 if not raw.strip():
                     continue
                 try:
-                    yield n, json.loads(raw.decode("utf-8"))
+                    yield n, json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise ConversionError([(str(path), n, f"bad JSON line: {e}")]) from None
 
