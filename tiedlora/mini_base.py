@@ -14,7 +14,7 @@ bases pretrained on two machines differ, and so do the fine-tuning results built
 
 The generator is kept here and can rebuild the files: a SentencePiece tokenizer trained on
 :func:`tiedlora.data.mini_tasks.pretraining_corpus`, then full-parameter pretraining of
-the GPT on packed corpus text (``SETTINGS``; ~6 min on 2 CPU cores). The corpus never
+the GPT on packed corpus text (``SETTINGS``; ~5 min on 2 idle CPU cores). The corpus never
 contains a task instance, so fine-tuning starts from a model that has never seen the task
 formats. A rebuild on another machine gives a base of the same quality but not the same
 bits; commit the new files and the README's demo numbers together.
@@ -275,7 +275,7 @@ def check(d: Path = ASSETS, settings: PretrainSettings | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m tiedlora.mini_base",
-        description="Rebuild the embedded mini base (tokenizer + pretraining, ~6 min on 2 CPU "
+        description="Rebuild the embedded mini base (tokenizer + pretraining, ~5 min on 2 idle CPU "
                     "cores) or check the shipped one.")
     ap.add_argument("--out", type=Path, default=ASSETS, help=f"output folder (default: {ASSETS})")
     ap.add_argument("--check", action="store_true",
