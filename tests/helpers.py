@@ -84,28 +84,26 @@ TINY_PRETRAIN = dict(corpus_sentences=3000, vocab_size=400, seq_length=64, batch
 
 def build_tiny_base(d: Path) -> dict:
     """A tiny base pretrained on the generated corpus (the mini-base builder, small settings),
-    cached under ``d/cache``; sets ``TIEDLORA_CACHE`` for this process too.
+    built into ``d/base``; sets ``TIEDLORA_CACHE`` (task data) to ``d/cache`` for this process too.
 
-    Returns ``{"env": subprocess environment, "tokenizer", "base": paths, "dir": d}``.
+    Returns ``{"env": subprocess environment, "tokenizer", "base": paths, "dir": d, "info": info.json}``.
     """
     import dataclasses
-
-    from tiedlora import mini_base
 
     e = {**os.environ, "TIEDLORA_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1",
          "PYTHONWARNINGS": "ignore"}
     cfg = tiny_model_cfg(vocab_size=512)
-    settings = mini_base.PretrainSettings(**TINY_PRETRAIN)
+    base = d / "base"
     code = ("import json, sys; from tiedlora import mini_base; from tiedlora.models.gpt import ModelConfig; "
-            "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), mini_base.PretrainSettings(**json.loads(sys.argv[2])))")
-    subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN)],
-                   env=e, check=True, capture_output=True, timeout=600)
+            "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), "
+            "mini_base.PretrainSettings(**json.loads(sys.argv[2])), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN),
+                    str(base)], env=e, check=True, capture_output=True, timeout=600)
     os.environ["TIEDLORA_CACHE"] = e["TIEDLORA_CACHE"]
-    base = mini_base.cache_dir(cfg, settings)
     info = json.loads((base / "info.json").read_text())
     assert info["final_loss"] < 4.0, info  # it learned something (uniform would be ln 400 = 6.0)
     return {"env": e, "tokenizer": str(base / "tokenizer.model"), "base": str(base / "base.safetensors"),
-            "dir": d}
+            "dir": d, "info": info}
 
 
 def tiny_base_args(base: dict) -> list:

@@ -1,7 +1,7 @@
 """Fine-tune a Tied-LoRA adapter on a megatron-core GPT: data -> train -> checkpoints -> eval.
 
-With no arguments this runs the embedded CPU default: the mini base model (pretrained once
-on generated text and cached), TL6 at rank 8, on the miniature dialogue-summarisation task, and
+With no arguments this runs the embedded CPU default: the mini base model (pretrained on
+generated text, shipped with the package), TL6 at rank 8, on the miniature dialogue-summarisation task, and
 prints the metric before and after, the trainable parameters and their share of LoRA's,
 and the wall time.
 
@@ -76,7 +76,7 @@ class FinetuneConfig:
 
 # ------------------------------------------------------------------------- set-up
 def resolve_base(model_cfg: ModelConfig):
-    """(weights path or None, tokenizer path or None); builds the mini base on first use."""
+    """(weights path or None, tokenizer path or None); ``builtin:mini`` is the base shipped in the package."""
     if model_cfg.checkpoint is None:
         return None, model_cfg.tokenizer
     if model_cfg.checkpoint.startswith("builtin:"):
@@ -84,7 +84,7 @@ def resolve_base(model_cfg: ModelConfig):
 
         if model_cfg.checkpoint != mini_base.BUILTIN:
             raise ValueError(f"model.checkpoint={model_cfg.checkpoint!r}: the only builtin is {mini_base.BUILTIN!r}")
-        weights, tok = mini_base.ensure(model_cfg)
+        weights, tok = mini_base.shipped(model_cfg)
         return weights, model_cfg.tokenizer or tok
     path = Path(model_cfg.checkpoint)
     if not path.exists():

@@ -41,21 +41,21 @@ def cluster():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, cluster):
     """A tiny pretrained base (tests/test_finetune.py's approach, fewer steps) and the jobs' env."""
-    from tiedlora import mini_base
     from helpers import tiny_model_cfg
 
     d = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "TIEDLORA_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     cfg = tiny_model_cfg(vocab_size=512)
+    base = d / "base"
     code = ("import json, sys; from tiedlora import mini_base; from tiedlora.models.gpt import ModelConfig; "
-            "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), mini_base.PretrainSettings(**json.loads(sys.argv[2])))")
+            "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), "
+            "mini_base.PretrainSettings(**json.loads(sys.argv[2])), sys.argv[3])")
     import dataclasses
 
-    subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN)],
-                   env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN),
+                    str(base)], env=env, check=True, capture_output=True, timeout=600)
     os.environ["TIEDLORA_CACHE"] = env["TIEDLORA_CACHE"]
-    base = mini_base.cache_dir(cfg, mini_base.PretrainSettings(**TINY_PRETRAIN))
     model = ["model=tiny", f"model.checkpoint={base / 'base.safetensors'}",
              f"model.tokenizer={base / 'tokenizer.model'}"]
     return {"env": env, "dir": d, "model": model, "args": [*model, *TINY_TASK, *FAST]}
