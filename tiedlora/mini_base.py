@@ -71,8 +71,11 @@ class MiniBaseError(ValueError):
 
 
 def _arch(model_cfg) -> dict:
+    """The fields that decide the weights' shapes and meaning (not how they are computed:
+    attention kernel and activation recomputation are free to change)."""
     d = dataclasses.asdict(model_cfg)
-    for k in ("name", "checkpoint", "tokenizer", "params_dtype"):
+    for k in ("name", "checkpoint", "tokenizer", "params_dtype", "attention_backend",
+              "recompute_granularity", "recompute_method", "recompute_num_layers"):
         d.pop(k, None)
     return d
 
