@@ -38,10 +38,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Collection, NamedTuple
+
+from tiedlora.files import atomic_write_bytes
 
 __all__ = [
     "PEOPLE", "CITIES", "COLOURS", "ANIMALS", "OBJECTS", "PLACES", "DAYS", "ITEMS",
@@ -463,18 +464,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
 def write_task(name: str, out_dir: str | os.PathLike, n_train: int = 2000, n_val: int = 200,

@@ -25,9 +25,10 @@ from __future__ import annotations
 import abc
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from tiedlora.files import atomic_write_bytes
 
 __all__ = [
     "Tokenizer",
@@ -181,20 +182,6 @@ def build_tokenizer(kind: str, path: str | os.PathLike) -> Tokenizer:
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {list(TOKENIZER_KINDS)}")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def train_sentencepiece(
     texts: Iterable[str],
     model_prefix: str | os.PathLike,
@@ -252,8 +239,8 @@ def train_sentencepiece(
         ) from e
 
     model_path = prefix.with_name(prefix.name + ".model")
-    _atomic_write_bytes(model_path, buf.getvalue())
+    atomic_write_bytes(model_path, buf.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    _atomic_write_bytes(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
+    atomic_write_bytes(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
     return SentencePieceTokenizer(model_path)

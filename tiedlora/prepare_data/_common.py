@@ -23,15 +23,16 @@ need only the standard library; Parquet and Arrow need ``pyarrow`` and the hub n
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from tiedlora.files import staged
 
 SPLITS = ("train", "validation", "test")
 SPLIT_WORDS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
@@ -279,19 +280,9 @@ def write_splits(out_dir: Path, records: Dict[str, List[dict]], extra: Dict[str,
     texts = {f"{s}.jsonl": (json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
              for s, recs in records.items()}
     texts.update({name: iter([t]) for name, t in extra.items()})
-    tmps: Dict[str, str] = {}
-    try:
+    with contextlib.ExitStack() as stack:  # every rename happens after the last write
         for name, chunks in texts.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-            tmps[name] = tmp
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            tmp = stack.enter_context(staged(out_dir / name))
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(chunks)
-                f.flush()
-                os.fsync(f.fileno())
-        for name, tmp in tmps.items():
-            os.replace(tmp, out_dir / name)
-    except BaseException:
-        for tmp in tmps.values():
-            Path(tmp).unlink(missing_ok=True)
-        raise
     return {s: out_dir / f"{s}.jsonl" for s in records}
