@@ -249,10 +249,12 @@ def main(argv=None) -> dict:
         return result
     from tiedlora import compat
     from tiedlora.dist import init_distributed, shutdown
-    from tiedlora.models.gpt import ParallelConfig, build_model_chunks
+    from tiedlora.config import ParallelConfig
+    from tiedlora.models.gpt import build_model_chunks
     from tiedlora.peft import apply_peft, finalize_adapter_grads
-    from tiedlora.training import (OptimConfig, build_optimizer, clip_adapter_grads, forward_backward,
-                                   optimizer_params, sync_tied_copies)
+    from tiedlora.config import OptimConfig
+    from tiedlora.peft.model import trainable_params
+    from tiedlora.training import build_optimizer, clip_adapter_grads, forward_backward, sync_tied_copies
 
     model_cfg, peft_cfg = configs(args)
     on_gpu = compat.cuda_available()
@@ -268,7 +270,7 @@ def main(argv=None) -> dict:
     if (counted["n_mm"], counted["n_ad"]) != (terms["n_mm"], terms["n_ad"]):
         raise AssertionError(f"FLOPs formula does not describe the model: formula {terms}, counted {counted}")
     optim_cfg = OptimConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, grad_clip=1.0)
-    optimizer = build_optimizer(optimizer_params(chunks), optim_cfg)
+    optimizer = build_optimizer(trainable_params(chunks), optim_cfg)
     autocast = torch.bfloat16 if on_gpu and model_cfg.params_dtype != "float32" else None
     tokens_per_step = args.micro_batch_size * args.seq_length * args.num_micro_batches
     if on_gpu:
@@ -308,7 +310,7 @@ def main(argv=None) -> dict:
         "device": device, "model": model_cfg.name, "params_dtype": model_cfg.params_dtype,
         "autocast": str(autocast).replace("torch.", "") if autocast else None,
         "preset": peft_cfg.name, "rank": peft_cfg.rank, "targets": list(peft_cfg.target_modules),
-        "trainable_params": sum(p.numel() for p in optimizer_params(chunks).values()),
+        "trainable_params": sum(r.param.numel() for r in trainable_params(chunks)),
         "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
         "num_micro_batches": args.num_micro_batches, "tokens_per_step": tokens_per_step,
         "timed_steps": args.steps, "step_time_s": step_s, "tokens_per_s": tokens_per_step / step_s,
@@ -327,4 +329,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from tiedlora import compat
+
+    compat.install()  # once, at process start
     main()

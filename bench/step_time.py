@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tiedlora.config import compose, to_object  # noqa: E402
 from tiedlora.dist import init_distributed, set_seed, shutdown  # noqa: E402
-from tiedlora.models.gpt import ModelConfig, ParallelConfig, build_gpt_model  # noqa: E402
+from tiedlora.config import ModelConfig, ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_gpt_model  # noqa: E402
 from tiedlora.peft import adapter_parameters, apply_peft  # noqa: E402
 
 LLAMA_134M = dict(name="llama_134m", num_layers=12, hidden_size=768, ffn_hidden_size=2048,
@@ -111,4 +112,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from tiedlora import compat
+
+    compat.install()  # once, at process start
     main()

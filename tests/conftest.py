@@ -10,11 +10,18 @@ if os.environ.get("TIEDLORA_TEST_THREADS"):  # the numerics matrix: every proces
     torch.set_num_threads(int(os.environ["TIEDLORA_TEST_THREADS"]))
 
 
+def pytest_configure(config):
+    # Once for the test process, as every tiedlora command does at start-up.
+    from tiedlora import compat
+
+    compat.install()
+
+
 @pytest.fixture(scope="session")
 def mp1():
     """Single-process megatron parallel state (TP=PP=DP=1, gloo)."""
     from tiedlora.dist import init_distributed, shutdown
-    from tiedlora.models.gpt import ParallelConfig
+    from tiedlora.config import ParallelConfig
 
     init_distributed(ParallelConfig(), seed=1234)
     yield

@@ -94,7 +94,7 @@ def build_tiny_base(d: Path) -> dict:
          "PYTHONWARNINGS": "ignore"}
     cfg = tiny_model_cfg(vocab_size=512)
     base = d / "base"
-    code = ("import json, sys; from tiedlora import mini_base; from tiedlora.models.gpt import ModelConfig; "
+    code = ("import json, sys; from tiedlora import mini_base; from tiedlora.config import ModelConfig; "
             "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), "
             "mini_base.PretrainSettings(**json.loads(sys.argv[2])), sys.argv[3])")
     subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN),

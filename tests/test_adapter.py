@@ -77,7 +77,7 @@ def test_tied_factors_one_storage_one_key(mp1, name):
             vecs = [getattr(m.adapter, f) for m in layers]
             if vecs[0] is not None:
                 assert vecs[0].data_ptr() != vecs[1].data_ptr()
-    names = [n for n, _, _ in iter_adapter_params(model)]
+    names = [r.name for r in iter_adapter_params(model)]
     assert len(names) == len(set(names))
 
 
@@ -94,7 +94,7 @@ def test_tied_gradient_is_sum_of_per_layer_contributions(mp1):
     model = build(preset("tl6", target_modules=TARGETS))
     perturb(model, seed=5)
     model(ids, pos, None, labels=labels).mean().backward()
-    tied = {n: p.grad.clone() for n, p, ad in iter_adapter_params(model) if ad is None}
+    tied = {r.name: r.param.grad.clone() for r in iter_adapter_params(model) if r.tied}
 
     # Untie: give every layer its own copy of A and B, rerun, and sum the copies' grads.
     model.zero_grad(set_to_none=True)

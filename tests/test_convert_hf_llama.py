@@ -25,7 +25,8 @@ from tiedlora.convert import (  # noqa: E402
 )
 from tiedlora.convert import hf_llama  # noqa: E402
 from tiedlora.convert.layout import check_model_matches, fuse_qkv, split_qkv  # noqa: E402
-from tiedlora.models.gpt import ModelConfig, ParallelConfig, build_gpt_model  # noqa: E402
+from tiedlora.config import ModelConfig, ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_gpt_model  # noqa: E402
 from numerics import Net, assert_close, forward_terms  # noqa: E402
 
 VOCAB = LLAMA["vocab_size"]

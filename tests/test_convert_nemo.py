@@ -36,7 +36,8 @@ from tiedlora.convert import (  # noqa: E402
 )
 from tiedlora.convert import nemo as nemo_mod  # noqa: E402
 from tiedlora.convert.layout import check_model_matches  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig, build_gpt_model  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_gpt_model  # noqa: E402
 from numerics import Net, assert_close, forward_terms  # noqa: E402
 
 ROWS = 128  # NeMo pads the vocabulary to a multiple of 128 at TP=1

@@ -36,7 +36,8 @@ from helpers import ALL_TARGETS, perturb, preset, run_torchrun, targets_override
 from tiedlora.checkpoint import save_adapter  # noqa: E402
 from tiedlora.convert import load_base_checkpoint, model_config_from_checkpoint, read_source  # noqa: E402
 from tiedlora.merge import merge_checkpoint  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig, build_gpt_model  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_gpt_model  # noqa: E402
 from tiedlora.peft import adapter_state_dict, apply_peft  # noqa: E402
 from numerics import Net, assert_close, forward_terms  # noqa: E402
 

@@ -39,7 +39,8 @@ from tiedlora.export import ExportError, export_peft, peft_state_dict  # noqa: E
 from tiedlora.export import main as export_main  # noqa: E402
 from tiedlora.merge import merge_adapters_, merge_checkpoint  # noqa: E402
 from tiedlora.merge import main as merge_main  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig, build_gpt_model  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_gpt_model  # noqa: E402
 from tiedlora.peft import AdaptedLinear, adapter_state_dict, apply_peft, iter_adapter_params  # noqa: E402
 from numerics import Net, assert_close, forward_terms  # noqa: E402
 

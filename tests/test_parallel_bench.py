@@ -32,7 +32,8 @@ def test_tiny_run_on_cpu(tmp_path, mp1, capsys):
 
 
 def test_flops_formula_matches_gpt2b_001(mp1):
-    from tiedlora.models.gpt import ParallelConfig, build_gpt_model
+    from tiedlora.config import ParallelConfig
+    from tiedlora.models.gpt import build_gpt_model
     from tiedlora.peft import apply_peft
 
     model_cfg, peft_cfg = gpu_check.configs(gpu_check.parse_args([]))

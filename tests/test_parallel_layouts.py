@@ -30,7 +30,8 @@ from numerics import Comparisons, Net, assert_close, gradient_terms, loss_terms 
 from tiedlora import compat  # noqa: E402
 from tiedlora.convert.layout import gather_full  # noqa: E402
 from tiedlora.dist import init_distributed, set_seed  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig, build_model_chunks, transformer_config  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_model_chunks, transformer_config  # noqa: E402
 from tiedlora.peft import load_adapter_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # tests/numerics.py; run under other CPU kernels by .ci/numerics-tests

@@ -15,22 +15,34 @@ names, scheduler, step, data position and RNG states); ``checkpoints/latest`` na
 newest complete one. Every file is written to a temporary name, fsynced and renamed, and
 ``latest`` is updated only after the whole directory exists, so a crash at any point
 leaves the previous checkpoint as ``latest``.
+
+This module owns the whole of it: the adapter file format, the training state
+(:func:`training_state_tensors`, gathered to full tensors so that it too is
+layout-independent), the atomic commit with ``latest`` and keep-last
+(:func:`commit_checkpoint`), and the two calls a training loop makes,
+:func:`save_training_checkpoint` and :func:`resume_training`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import safe_open, save_file
+from torch import nn
 
+from tiedlora import compat
+from tiedlora.dist import ProcessGroups, is_rank0, process_groups
+
+from tiedlora.files import atomic_write, atomic_write_text, staged_dir
 from tiedlora.peft.config import FACTORS, PeftConfig
+from tiedlora.peft.model import adapter_state_dict, load_adapter_state_dict, trainable_params
+from tiedlora.sharding import gather_full, shard
 
 FORMAT = "tiedlora-adapter/1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -40,26 +52,6 @@ _ADAPTER = f"adapter file ({FORMAT} safetensors)"
 
 class CheckpointError(ValueError):
     pass
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then fsync and rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def peft_to_dict(cfg: PeftConfig) -> dict:
@@ -182,15 +174,8 @@ def commit_checkpoint(output_dir: Path, step: int, write_files, keep_last: int) 
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    with staged_dir(final, replace=True) as tmp:
         write_files(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(root / "latest", name + "\n")
     if keep_last > 0:
         done = sorted(p for p in root.glob("step_*") if p.is_dir())
@@ -199,3 +184,123 @@ def commit_checkpoint(output_dir: Path, step: int, write_files, keep_last: int) 
     for stale in root.glob(".step_*"):  # temp dirs of a crashed writer
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+# ---------------------------------------------------------------------- training state
+def rng_state() -> Dict[str, torch.Tensor]:
+    """This rank's RNG states: torch's, CUDA's and megatron's model-parallel tracker's."""
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state()}
+    if compat.cuda_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    for name, s in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        state[f"tracker.{name}"] = s
+    return state
+
+
+def set_rng_state(state: Dict[str, torch.Tensor]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and compat.cuda_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tracker = {k[len("tracker."):]: v for k, v in state.items() if k.startswith("tracker.")}
+    if tracker:
+        tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+
+
+def training_state_tensors(chunks: List[nn.Module], optimizer: torch.optim.Optimizer,
+                           groups: Optional[ProcessGroups] = None) -> Dict[str, torch.Tensor]:
+    """Optimizer moments (full, by adapter name) and every rank's RNG states. Collective."""
+    groups = groups or process_groups()
+    params = trainable_params(chunks)
+    out: Dict[str, torch.Tensor] = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        items = [(r.name, optimizer.state[r.param][key], r.shard_dim, r.stride)
+                 for r in params if key in optimizer.state.get(r.param, {})]
+        for name, t in gather_full(items, groups.tp, groups.pp).items():
+            out[f"optim.{key}.{name}"] = t
+    steps = [optimizer.state[r.param]["step"] for r in params if r.param in optimizer.state]
+    if steps:
+        out["optim.step"] = torch.tensor(float(steps[0]), dtype=torch.float64)
+    mine = rng_state()
+    ranks = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    for r, st in enumerate(ranks):
+        for k, v in st.items():
+            out[f"rng.{r}.{k}"] = v
+    return out
+
+
+def load_training_state_tensors(chunks: List[nn.Module], optimizer: torch.optim.Optimizer,
+                                state: Dict[str, torch.Tensor], groups: Optional[ProcessGroups] = None) -> bool:
+    """Restore optimizer moments (sliced for this layout) and, when the world size is the
+    same as when saved, every rank's RNG states. Returns whether RNG states were restored."""
+    groups = groups or process_groups()
+    tp_rank, tp = groups.rank(groups.tp), groups.size(groups.tp)
+    if "optim.step" in state:
+        step_val = state["optim.step"].to(torch.float32)
+        for r in trainable_params(chunks):
+            p = r.param
+            st = {"step": step_val.clone().to(p.device) if compat.cuda_available() else step_val.clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                full = state.get(f"optim.{key}.{r.name}")
+                if full is None:
+                    raise KeyError(f"training state lacks optim.{key}.{r.name}")
+                t = shard(full, r.shard_dim, tp_rank, tp, r.stride) if r.shard_dim is not None else full
+                st[key] = t.to(p.device, p.dtype).clone()
+            optimizer.state[p] = st
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world = len({k.split(".")[1] for k in state if k.startswith("rng.")})
+    if saved_world != world:
+        return False
+    set_rng_state({k[len(f"rng.{rank}."):]: v for k, v in state.items()
+                   if k.startswith(f"rng.{rank}.")})
+    return True
+
+
+# ------------------------------------------------------------------ the loop's two calls
+def save_training_checkpoint(output_dir: Path, step: int, chunks: List[nn.Module],
+                             optimizer: torch.optim.Optimizer, peft_cfg: PeftConfig, model_info: dict,
+                             trainer_meta: dict, keep_last: int, groups: Optional[ProcessGroups] = None) -> None:
+    """Gather the adapter and training state (collective), then rank 0 commits
+    ``checkpoints/step_<step>`` and moves ``latest``; every rank returns after the commit.
+
+    ``trainer_meta``: the loop's JSON-able state (step, best validation loss, data
+    position, ...), stored in the state file's metadata and returned by :func:`resume_training`.
+    """
+    adapter = adapter_state_dict(chunks, groups=groups)
+    tstate = training_state_tensors(chunks, optimizer, groups)
+    if is_rank0():
+        def write(d: Path):
+            save_adapter(d / ADAPTER_FILE, adapter, peft_cfg, model_info, {"step": step})
+            save_file({k: v.contiguous() for k, v in tstate.items()}, str(d / STATE_FILE),
+                      metadata={"trainer": json.dumps(trainer_meta)})
+        commit_checkpoint(output_dir, step, write, keep_last)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resume_training(output_dir: Path, chunks: List[nn.Module], optimizer: torch.optim.Optimizer,
+                    peft_cfg: PeftConfig, groups: Optional[ProcessGroups] = None
+                    ) -> Optional[Tuple[Path, dict, bool]]:
+    """Load the latest checkpoint of ``output_dir`` into ``chunks`` and ``optimizer``.
+
+    Returns None when there is none, else (its directory, the trainer metadata saved with
+    it, whether every rank's RNG state was restored: not when the world size changed).
+    Refuses a checkpoint of another preset, rank or targets.
+    """
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return None
+    tensors, saved_cfg, _ = load_adapter(latest)
+    check_compatible(saved_cfg, peft_cfg, where=str(latest / ADAPTER_FILE))
+    load_adapter_state_dict(chunks, tensors, groups=groups)
+    state_tensors, meta = load_trainer_state(latest / STATE_FILE)
+    exact = load_training_state_tensors(chunks, optimizer, state_tensors, groups)
+    return latest, meta, exact

@@ -7,6 +7,14 @@ create small tensors with ``device="cuda"``. :func:`install` redirects exactly t
 sites to the CPU. It is a no-op when CUDA is available, so the same code runs unchanged
 in the NGC container.
 
+It rebinds attributes of ``torch.cuda`` and of megatron-core modules for the whole
+process, so it is never done behind a caller's back: every process calls :func:`install`
+once, explicitly, as the first step of its set-up (``tiedlora.finetune.setup``,
+``tiedlora.evaluate.run_evaluation``, the ``main`` of ``params``/``merge``/``mini_base``,
+the test suite's ``conftest.py``, a NeMo script before building its model). Building a
+model or a process group without it on a CPU machine fails at once with that advice
+(:func:`require`) instead of deep inside megatron-core.
+
 What is redirected (measured on megatron-core 0.16.1; why, and the traps: docs/design.md,
 'Running megatron-core on CPU'):
 
@@ -48,8 +56,21 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def installed() -> bool:
+    """Whether this process runs with the CPU redirections in place (False on GPU machines)."""
+    return _INSTALLED
+
+
+def require(what: str) -> None:
+    """Refuse to go on without :func:`install` on a machine without CUDA."""
+    if not _INSTALLED and not cuda_available():
+        raise RuntimeError(
+            f"{what} on a machine without CUDA needs tiedlora's CPU compatibility layer: call "
+            "tiedlora.compat.install() once at the start of the process (the tiedlora commands do)")
+
+
 def install() -> bool:
-    """Install the CPU redirections once. Returns True when they are active."""
+    """Install the CPU redirections once (idempotent). Returns True when they are active."""
     global _INSTALLED
     if _INSTALLED:
         return True
@@ -150,17 +171,6 @@ def cuda_to_cpu():
     if cuda_available():
         yield
         return
-    install()
+    require("megatron-core's optimizer or DDP")
     with _CudaToCpuMode():
         yield
-
-
-def on_cpu(fn):
-    """Decorator form of :func:`cuda_to_cpu`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with cuda_to_cpu():
-            return fn(*args, **kwargs)
-
-    return wrapper

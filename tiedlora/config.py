@@ -1,42 +1,357 @@
-"""Typed configuration schemas, registered with Hydra's ConfigStore.
+"""Every configuration schema of a run, and their registration with Hydra.
 
 YAML under ``conf/`` is data composed onto these dataclasses; unknown keys and wrong
 types are rejected by OmegaConf (naming the full key), and each dataclass's
-``__post_init__`` rejects bad values naming the field and the value.
+``__post_init__`` rejects bad values naming the field and the value. Defaults live here
+and nowhere else::
+
+    FinetuneConfig (conf/finetune.yaml; also the schema of conf/evaluate.yaml)
+    ├── model: ModelConfig         conf/model/*.yaml
+    ├── peft: PeftConfig           conf/peft/*.yaml   (defined with its preset arithmetic
+    │                                                  in tiedlora.peft.config)
+    ├── task: TaskConfig           conf/task/*.yaml
+    ├── trainer: TrainerConfig  ├── optim: OptimConfig  ├── parallel: ParallelConfig
+    └── checkpoint: CheckpointConfig  └── eval: EvalConfig
+    ParamsConfig (conf/params.yaml): model + peft
+
+This module imports no model code (torch or megatron-core), so it sits below every
+module that reads a config.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from tiedlora.models.gpt import ModelConfig, ParallelConfig
+from tiedlora.data.sft import PromptTemplate
 from tiedlora.peft.config import PeftConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("sdpa", "local", "te")  # see tiedlora.models.attention
+KINDS = ("generate", "multiple_choice")
+SPLITS = ("train", "validation", "test")
+
+
+def cache_root() -> Path:
+    """``$TIEDLORA_CACHE`` or ``~/.cache/tiedlora``."""
+    return Path(os.environ.get("TIEDLORA_CACHE") or Path.home() / ".cache" / "tiedlora")
+
+
+# ------------------------------------------------------------------------ the base model
+@dataclass
+class ModelConfig:
+    """Architecture of a megatron-core GPT base model (defaults: the tiny CPU model)."""
+
+    name: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (= heads)
+    kv_channels: Optional[int] = None  # None: hidden_size / heads
+    vocab_size: int = 512
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 256
+    normalization: str = "RMSNorm"  # LayerNorm | RMSNorm
+    layernorm_zero_centered_gamma: bool = False  # NeMo's layernorm1p
+    layernorm_epsilon: float = 1e-5
+    activation: str = "swiglu"  # swiglu | gelu
+    position_embedding_type: str = "rope"  # rope | learned_absolute
+    rotary_percent: float = 1.0
+    rotary_base: int = 10000
+    add_bias_linear: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    params_dtype: str = "float32"  # float32 | bfloat16 (adapters always stay fp32)
+    attention_backend: str = "sdpa"  # sdpa | local (megatron's unfused) | te (transformer-engine)
+    # Activation recomputation (megatron-core's): null | selective (core attention) | full (layers)
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only: layers per unit (uniform) / per stage (block)
+    checkpoint: Optional[str] = None  # base weights (.nemo, HF dir or our .safetensors)
+    tokenizer: Optional[str] = None  # tokenizer model file/dir; None: from the checkpoint
+
+    def __post_init__(self):
+        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"model.{f}={v!r}: must be a positive integer")
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"model.num_query_groups={self.num_query_groups}: must divide "
+                f"num_attention_heads={self.num_attention_heads}")
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"model.normalization={self.normalization!r}: expected LayerNorm or RMSNorm")
+        if self.activation not in ("swiglu", "gelu"):
+            raise ValueError(f"model.activation={self.activation!r}: expected swiglu or gelu")
+        if self.position_embedding_type not in ("rope", "learned_absolute"):
+            raise ValueError(
+                f"model.position_embedding_type={self.position_embedding_type!r}: "
+                "expected rope or learned_absolute")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(f"model.rotary_percent={self.rotary_percent!r}: must be in (0, 1]")
+        if self.params_dtype not in DTYPES:
+            raise ValueError(f"model.params_dtype={self.params_dtype!r}: expected one of {sorted(DTYPES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend={self.attention_backend!r}: "
+                             f"expected one of {list(ATTENTION_BACKENDS)}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in (None, "selective", "full"):
+            raise ValueError(f"model.recompute_granularity={g!r}: expected null, selective or full")
+        if m not in (None, "uniform", "block"):
+            raise ValueError(f"model.recompute_method={m!r}: expected null, uniform or block")
+        if g != "full":
+            for key, value in (("recompute_method", m), ("recompute_num_layers", n)):
+                if value is not None:
+                    raise ValueError(f"model.{key}={value!r}: only used with "
+                                     f"model.recompute_granularity=full (it is {g!r}); set it to null")
+            return
+        if m is None:
+            raise ValueError("model.recompute_method=None: recompute_granularity=full needs uniform or block")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.num_layers:
+            raise ValueError(f"model.recompute_num_layers={n!r}: recompute_granularity=full needs an "
+                             f"integer in [1, num_layers={self.num_layers}]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_width(self) -> int:
+        """Output width of the fused QKV projection (megatron's ``linear_qkv``)."""
+        groups = self.num_query_groups or self.num_attention_heads
+        return self.head_dim * (self.num_attention_heads + 2 * groups)
+
+    def target_shape(self, target: str) -> tuple[int, int]:
+        """(d_in, d_out) of an adapter target, unsharded."""
+        h, ffn = self.hidden_size, self.ffn_hidden_size
+        fc1_out = 2 * ffn if self.activation == "swiglu" else ffn
+        shapes = {
+            "linear_qkv": (h, self.qkv_width),
+            "linear_proj": (self.head_dim * self.num_attention_heads, h),
+            "linear_fc1": (h, fc1_out),
+            "linear_fc2": (ffn, h),
+        }
+        return shapes[target]
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. Data parallel size = world size / (tp * pp)."""
+
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    vpp: Optional[int] = None  # virtual pipeline stages (model chunks) per pipeline rank
+    sp: bool = False  # sequence parallel (needs tp > 1)
+
+    def __post_init__(self):
+        for f in ("tp", "pp"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"parallel.{f}={v!r}: must be an integer >= 1")
+        if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
+            raise ValueError(f"parallel.vpp={self.vpp!r}: needs parallel.pp >= 2 and vpp >= 1")
+        if self.sp and self.tp < 2:
+            raise ValueError(f"parallel.sp={self.sp!r}: sequence parallel needs parallel.tp >= 2")
+
+
+
+# --------------------------------------------------------------------------------- task
+@dataclass
+class TaskConfig:
+    name: str = "mini_qa"
+    kind: str = "generate"  # generate (greedy decoding) | multiple_choice (log-likelihood)
+    metric: str = "squad"  # squad | rouge | bleu | accuracy | gsm8k (tiedlora.metrics)
+    data_dir: Optional[str] = None  # holds {train,validation,test}.jsonl; None: cache for generated tasks
+    generator: Optional[str] = None  # mini task generator; files are generated when missing
+    num_train: int = 2000  # generated tasks only
+    num_validation: int = 200
+    num_test: int = 200
+    data_seed: int = 0
+    template: str = "{input} {output}"  # must end with {output}
+    max_length: int = 2048  # tokens per training example (prompt truncated from the left)
+    max_new_tokens: int = 64  # generation budget at evaluation
+    add_bos: bool = False
+    add_eos: bool = True
+    answer_only_loss: bool = True
+    eval_split: str = "test"  # split scored at the end (validation: for tasks without labels)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"task.kind={self.kind!r}: expected one of {list(KINDS)}")
+        from tiedlora.metrics import METRICS
+
+        if self.metric not in METRICS:
+            raise ValueError(f"task.metric={self.metric!r}: expected one of {sorted(METRICS)}")
+        try:
+            PromptTemplate(self.template)
+        except ValueError as e:
+            raise ValueError(f"task.template: {e}") from None
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"task.eval_split={self.eval_split!r}: expected one of {list(SPLITS)}")
+        if self.data_dir is None and self.generator is None:
+            raise ValueError(f"task {self.name!r}: set task.data_dir (a folder with train/validation/test.jsonl)")
+        if self.generator is not None:
+            from tiedlora.data.mini_tasks import TASKS
+
+            if self.generator not in TASKS:
+                raise ValueError(f"task.generator={self.generator!r}: expected one of {sorted(TASKS)}")
+        for f in ("max_length", "max_new_tokens"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"task.{f}={getattr(self, f)!r}: must be >= 1")
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return Path(self.data_dir)
+        key = f"{self.generator}-n{self.num_train}-{self.num_validation}-{self.num_test}-s{self.data_seed}"
+        return cache_root() / "tasks" / key
+
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate
+    min_lr: float = 1e-6  # cosine floor
+    warmup_steps: int = 50  # linear warm-up from 0
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr!r}: must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr!r}: must be in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r}: must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)!r}: two numbers in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip!r}: must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200  # optimizer steps
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    val_check_interval: int = 50  # steps between validation-loss checks; 0 disables
+    limit_val_batches: int = 8  # micro-batches of validation per check; 0 = all
+    early_stopping_patience: int = 10  # validation checks without improvement; 0 disables
+    early_stopping_min_delta: float = 0.0
+    log_every: int = 10  # plain log line every N steps (the progress bar updates every step)
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    preempt_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    preempt_exit_code: int = 3  # exit status after a signal-triggered checkpoint (requeue me)
+
+    def __post_init__(self):
+        for f in ("max_steps", "global_batch_size", "micro_batch_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"trainer.{f}={v!r}: must be a positive integer")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"trainer.precision={self.precision!r}: expected auto, bf16 or fp32")
+        for s in self.preempt_signals:
+            if not hasattr(signal, s):
+                raise ValueError(f"trainer.preempt_signals: unknown signal {s!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 100  # 0: only at the end (and on a preemption signal)
+    keep_last: int = 2  # checkpoints kept (older ones deleted after a new one is complete)
+    resume: bool = True  # continue from <output_dir>/checkpoints/latest when present
+
+
+@dataclass
+class EvalConfig:
+    before: bool = True  # score the un-adapted base first (ΔW = 0 at step 0)
+    after: bool = True  # score the trained adapter at the end
+    limit: int = 0  # examples to score (0: the whole split)
+    batch_size: int = 16  # prompts decoded together
+    use_best: bool = True  # evaluate the adapter with the best validation loss
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = MISSING
+    peft: PeftConfig = MISSING
+    task: TaskConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "outputs/run"
+    adapter: Optional[str] = None  # evaluate only: adapter file (default: <output_dir>/adapter.safetensors)
+
+
+
+# ------------------------------------------------------------------------ parameter report
+RANKS = [2, 8, 32, 128]
+
+
+@dataclass
+class ParamsConfig:
+    model: ModelConfig = MISSING
+    peft: PeftConfig = MISSING
+    all: bool = False  # every preset in conf/peft × ranks
+    ranks: List[int] = field(default_factory=lambda: list(RANKS))
+    format: str = "table"  # table | json
+
+    def __post_init__(self):
+        if self.format not in ("table", "json"):
+            raise ValueError(f"format={self.format!r}: expected table or json")
+
+
+
+# -------------------------------------------------------------------------------- Hydra
+def _conf_dir() -> Path:
+    """``conf/`` of a source checkout (also an editable install), else the copy that a
+    plain ``pip install .`` puts inside the package (``tiedlora/conf``, package data)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "conf", here.parent / "conf"):
+        if (d / "finetune.yaml").is_file():
+            return d
+    raise FileNotFoundError(f"tiedlora's conf/ folder is neither {here / 'conf'} nor {here.parent / 'conf'}")
+
+
+CONF_DIR = _conf_dir()
 
 _REGISTERED = False
 
 
 def register_configs() -> None:
-    """Register every schema once (idempotent)."""
+    """Register every schema with Hydra's ConfigStore once (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
     from hydra.core.config_store import ConfigStore
 
-    from tiedlora.params import ParamsConfig
-
     cs = ConfigStore.instance()
     cs.store(name="params_schema", node=ParamsConfig)
-    try:
-        from tiedlora.finetune import FinetuneConfig
-    except ImportError:  # pragma: no cover - finetune not built yet in minimal installs
-        FinetuneConfig = None
-    if FinetuneConfig is not None:
-        cs.store(name="finetune_schema", node=FinetuneConfig)
+    cs.store(name="finetune_schema", node=FinetuneConfig)
     _REGISTERED = True
 
 
@@ -59,5 +374,6 @@ def compose(config_name: str, overrides: Optional[List[str]] = None) -> DictConf
         return hcompose(config_name=config_name, overrides=overrides or [])
 
 
-__all__ = ["CONF_DIR", "ModelConfig", "ParallelConfig", "PeftConfig", "compose",
-           "register_configs", "to_object"]
+__all__ = ["CONF_DIR", "CheckpointConfig", "EvalConfig", "FinetuneConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig", "ParamsConfig", "PeftConfig", "TaskConfig", "TrainerConfig", "cache_root",
+           "compose", "register_configs", "to_object"]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tiedlora import compat
-from tiedlora.models.gpt import ParallelConfig
+from tiedlora.config import ParallelConfig
 
 
 @dataclass
@@ -101,9 +101,8 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> DistEnv:
     Idempotent within a process only if called with the same layout.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
 
-    compat.install()
+    compat.require("init_distributed")
     env = detect_env()
     if not dist.is_initialized():
         die_with_launcher()
@@ -149,5 +148,46 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def is_main() -> bool:
+# ------------------------------------------------------------------ groups and ranks
+@dataclass(frozen=True)
+class ProcessGroups:
+    """The process groups of this rank, read once from megatron's parallel state.
+
+    ``None`` stands for a group of one (a single process, or a size-1 dimension before
+    any process group exists). Run-level code takes one of these and passes it on
+    (adapter state dicts, gradient synchronisation, clipping, training state, evaluation)
+    instead of asking megatron's globals at each use.
+    """
+
+    tp: object = None  # tensor parallel: shards of one layer
+    pp: object = None  # pipeline parallel: stages of one model replica
+    dp: object = None  # data parallel: replicas
+    mp: object = None  # model parallel = tp x pp: one replica
+
+    @staticmethod
+    def size(group) -> int:
+        return 1 if group is None else dist.get_world_size(group)
+
+    @staticmethod
+    def rank(group) -> int:
+        return 0 if group is None else dist.get_rank(group)
+
+
+def process_groups() -> ProcessGroups:
+    """This rank's groups from megatron's parallel state (all ``None`` before it exists)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return ProcessGroups()
+    return ProcessGroups(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+                         dp=ps.get_data_parallel_group(), mp=ps.get_model_parallel_group())
+
+
+def is_rank0() -> bool:
+    """The process that writes files and prints: global rank 0, or the only process."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -27,10 +27,16 @@ from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
-from tiedlora.data.sft import PromptTemplate, read_jsonl
+from tiedlora import checkpoint as ckpt
+from tiedlora import compat
+from tiedlora.build import build_model, load_tokenizer, param_counts, resolve_base
+from tiedlora.config import EvalConfig, FinetuneConfig, ModelConfig, TaskConfig
+from tiedlora.data.sft import PromptTemplate
+from tiedlora.dist import ProcessGroups, init_distributed, is_rank0, process_groups, shutdown
+from tiedlora.files import atomic_write_text
 from tiedlora.generate import continuation_logprobs, greedy_generate
 from tiedlora.metrics import compute_metrics
-from tiedlora.tasks import TaskConfig
+from tiedlora.tasks import read_task_data
 
 
 def _references(rec: dict):
@@ -38,21 +44,14 @@ def _references(rec: dict):
     return list(refs) if refs else rec["output"]
 
 
-def _dp():
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 0, 1, None
-    g = ps.get_data_parallel_group()
-    return dist.get_rank(g), dist.get_world_size(g), g
-
-
 def evaluate_task(model, tokenizer, task: TaskConfig, records: List[dict], vocab_size: int,
-                  limit: int = 0, batch_size: int = 16, progress: bool = False) -> Tuple[dict, List[dict]]:
+                  limit: int = 0, batch_size: int = 16, progress: bool = False,
+                  groups: Optional[ProcessGroups] = None) -> Tuple[dict, List[dict]]:
     """Metrics (0-100) and per-example predictions on ``records`` (all DP ranks return both)."""
     records = records[:limit] if limit else records
     template = PromptTemplate(task.template)
-    rank, size, group = _dp()
+    groups = groups or process_groups()
+    rank, size, group = groups.rank(groups.dp), groups.size(groups.dp), groups.dp
     mine = list(range(rank, len(records), size))
     preds: dict = {}
 
@@ -99,10 +98,58 @@ def evaluate_task(model, tokenizer, task: TaskConfig, records: List[dict], vocab
     return metrics, rows
 
 
-def main_metric(metrics: dict) -> Tuple[str, float]:
-    """The headline number of a metrics dict (first key: em, rougeL, bleu, accuracy, ...)."""
-    key = next(iter(metrics))
-    return key, metrics[key]
+def evaluate_chunks(chunks, tokenizer, task: TaskConfig, records: List[dict], model_cfg: ModelConfig,
+                    eval_cfg: EvalConfig, groups: ProcessGroups) -> Tuple[Optional[dict], Optional[List[dict]]]:
+    """:func:`evaluate_task` on a run's model chunks; (None, None) under pipeline parallelism
+    (generation needs the whole model on one rank: evaluate the saved adapter at pp=1)."""
+    if len(chunks) > 1 or groups.size(groups.pp) > 1:
+        return None, None
+    return evaluate_task(chunks[0], tokenizer, task, records, model_cfg.padded_vocab_size(),
+                         limit=eval_cfg.limit, batch_size=eval_cfg.batch_size, progress=is_rank0(),
+                         groups=groups)
+
+
+def fmt_metrics(m: Optional[dict]) -> str:
+    return "n/a" if not m else ", ".join(f"{k}={v:.1f}" for k, v in m.items())
+
+
+def run_evaluation(cfg: FinetuneConfig) -> dict:
+    """Evaluate a saved adapter (``python -m tiedlora.evaluate``)."""
+    from tiedlora.peft import load_adapter_state_dict
+
+    t0 = time.time()
+    compat.install()  # CPU machines: megatron-core's CUDA-only calls go to the CPU (no-op on GPU)
+    out = Path(cfg.output_dir)
+    if cfg.parallel.pp > 1:
+        raise ValueError(f"parallel.pp={cfg.parallel.pp}: evaluation runs with parallel.pp=1 "
+                         "(adapters are layout-independent)")
+    adapter_path = Path(cfg.adapter) if cfg.adapter else out / ckpt.ADAPTER_FILE
+    tensors, saved_peft, meta = ckpt.load_adapter(adapter_path)
+    records = read_task_data(cfg.task, splits=())[cfg.task.eval_split]  # data before weights
+    weights, tok_path = resolve_base(cfg.model)
+    tokenizer = load_tokenizer(tok_path, cfg.model)
+    init_distributed(cfg.parallel, seed=cfg.trainer.seed)
+    groups = process_groups()
+    chunks = build_model(cfg.model, saved_peft, cfg.parallel, weights)
+    load_adapter_state_dict(chunks, tensors, groups=groups)
+    metrics, rows = evaluate_chunks(chunks, tokenizer, cfg.task, records, cfg.model, cfg.eval, groups)
+    previous = {}
+    if (out / "results.json").is_file():
+        previous = json.loads((out / "results.json").read_text())
+    results = {**previous, "task": cfg.task.name, "model": cfg.model.name, "preset": saved_peft.name,
+               "rank": saved_peft.rank, **param_counts(cfg.model, saved_peft),
+               "metrics": metrics, "adapter": str(adapter_path),
+               "steps": json.loads(meta.get("step", "null")) if "step" in meta else previous.get("steps"),
+               "eval_time_s": round(time.time() - t0, 1)}
+    results.setdefault("wall_time_s", results["eval_time_s"])
+    if is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        print(f"{cfg.task.name} {saved_peft.name} r={saved_peft.rank}: {fmt_metrics(metrics)}  "
+              f"-> {out / 'results.json'}", flush=True)
+    shutdown()
+    return results
 
 
 def main() -> None:
@@ -116,8 +163,6 @@ def main() -> None:
 
     @hydra_main("evaluate")
     def _run(dcfg) -> None:
-        from tiedlora.finetune import run_evaluation
-
         saved = Path(dcfg.output_dir) / "config.yaml"
         if saved.is_file():  # a fine-tuning run: start from its resolved config
             import yaml

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from tiedlora.models.gpt import ModelConfig
+from tiedlora.files import staged_dir
+from tiedlora.config import ModelConfig
 from tiedlora.peft.config import PeftConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -176,15 +175,9 @@ def export_peft(adapter: os.PathLike | str, model_cfg: ModelConfig, output: os.P
     tensors, cfg, meta = load_adapter(adapter)
     check_adapter_model(meta, model_cfg, str(adapter))
     state = peft_state_dict(tensors, cfg, model_cfg)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_dir(output) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(cfg, base_model_name_or_path), indent=2) + "\n")
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

@@ -29,6 +29,12 @@ Everything lands in ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one JSON
 per optimizer step), ``tb/`` (TensorBoard), ``checkpoints/`` (resumable, keep-last-k),
 ``adapter.safetensors`` (the evaluated adapter), ``predictions.jsonl`` and
 ``results.json``. Rerunning the same command resumes from the latest checkpoint.
+
+The recipe reads top to bottom as three functions (torchtune's recipe shape):
+:func:`setup` (data, process group, model, optimizer, resume), :func:`train` (the loop:
+forward/backward, gradient sync, clip, step, validate, checkpoint) and :func:`save`
+(choose and save the final adapter, evaluate, write results). ``docs/architecture.md``
+follows one step through them.
 """
 
 from __future__ import annotations
@@ -38,191 +44,73 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
-import torch.distributed as dist
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
 from tiedlora import checkpoint as ckpt
-from tiedlora.models.gpt import ModelConfig, ParallelConfig
-from tiedlora.peft.config import PeftConfig
-from tiedlora.tasks import TaskConfig
-from tiedlora.training import CheckpointConfig, OptimConfig, TrainerConfig
-
-
-@dataclass
-class EvalConfig:
-    before: bool = True  # score the un-adapted base first (ΔW = 0 at step 0)
-    after: bool = True  # score the trained adapter at the end
-    limit: int = 0  # examples to score (0: the whole split)
-    batch_size: int = 16  # prompts decoded together
-    use_best: bool = True  # evaluate the adapter with the best validation loss
-
-
-@dataclass
-class FinetuneConfig:
-    model: ModelConfig = MISSING
-    peft: PeftConfig = MISSING
-    task: TaskConfig = MISSING
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "outputs/run"
-    adapter: Optional[str] = None  # evaluate only: adapter file (default: <output_dir>/adapter.safetensors)
-
-
-# ------------------------------------------------------------------------- set-up
-def resolve_base(model_cfg: ModelConfig):
-    """(weights path or None, tokenizer path or None); ``builtin:mini`` is the base shipped in the package."""
-    if model_cfg.checkpoint is None:
-        return None, model_cfg.tokenizer
-    if model_cfg.checkpoint.startswith("builtin:"):
-        from tiedlora import mini_base
-
-        if model_cfg.checkpoint != mini_base.BUILTIN:
-            raise ValueError(f"model.checkpoint={model_cfg.checkpoint!r}: the only builtin is {mini_base.BUILTIN!r}")
-        weights, tok = mini_base.shipped(model_cfg)
-        return weights, model_cfg.tokenizer or tok
-    path = Path(model_cfg.checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"model.checkpoint={str(path)!r}: no such file or directory")
-    tok = model_cfg.tokenizer
-    if tok is None and path.suffix != ".safetensors":
-        from tiedlora.convert import tokenizer_path
-
-        tok = tokenizer_path(path)
-    return path, tok
-
-
-def load_tokenizer(path, model_cfg: ModelConfig):
-    from tiedlora.data.tokenizers import build_tokenizer
-
-    hint = ("set model.tokenizer=/path/to/tokenizer.model (SentencePiece) or "
-            "model.tokenizer=/path/to/folder (one holding tokenizer.json)")
-    if path is None:
-        raise ValueError(f"model {model_cfg.name!r}: no tokenizer; {hint}")
-    p = Path(path)
-    if p.is_dir() and not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"tokenizer folder {p} holds no tokenizer.json or tokenizer_config.json; {hint}")
-    kind = "sentencepiece" if p.suffix == ".model" else "huggingface"
-    tok = build_tokenizer(kind, str(p))
-    # Ids at or above model.vocab_size would land on the padding rows megatron adds to the
-    # embedding table: they train there, but no exported (Hugging Face, .nemo) model has them.
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {p} has {tok.vocab_size} tokens but model.vocab_size="
-                         f"{model_cfg.vocab_size}: the model has no embedding row for ids "
-                         f"{model_cfg.vocab_size}..{tok.vocab_size - 1}; use the base model's own "
-                         "tokenizer (model.tokenizer=...) or set model.vocab_size to the checkpoint's")
-    return tok
-
-
-def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, parallel: ParallelConfig, weights):
-    """Model chunks of this rank: base weights loaded, then adapters applied."""
-    from tiedlora.models.gpt import build_model_chunks
-    from tiedlora.models.io import load_base
-    from tiedlora.peft import apply_peft
-
-    chunks = build_model_chunks(model_cfg, parallel)
-    if weights is not None:
-        if Path(weights).suffix == ".safetensors":
-            load_base(chunks, weights, model_cfg)
-        else:
-            from tiedlora.convert import load_base_checkpoint
-
-            load_base_checkpoint(chunks, model_cfg, parallel)
-    for c in chunks:
-        apply_peft(c, peft_cfg)
-    return chunks
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+from tiedlora import compat
+from tiedlora.build import build_model, load_tokenizer, param_counts, resolve_base
+from tiedlora.config import FinetuneConfig
+from tiedlora.dist import ProcessGroups, barrier, init_distributed, is_rank0, process_groups, shutdown
+from tiedlora.evaluate import evaluate_chunks, fmt_metrics
+from tiedlora.files import atomic_write_text
+from tiedlora.peft import adapter_state_dict, finalize_adapter_grads, load_adapter_state_dict
+from tiedlora.peft.model import trainable_params
+from tiedlora.tasks import read_task_data
+from tiedlora.training import (PreemptionFlag, build_optimizer, clip_adapter_grads, forward_backward,
+                               global_tokens, lr_at, reduce_loss, sync_tied_copies, truncate_metrics,
+                               write_jsonl_line)
 
 
 def _say(msg: str) -> None:
-    if _is_rank0():
+    if is_rank0():
         print(msg, flush=True)
 
 
-def _prepare_task(task: TaskConfig):
-    """Task files (generated under a file lock, before the process group exists)."""
-    from tiedlora.mini_base import _lock
-    from tiedlora.tasks import prepare_files
+@dataclass
+class Run:
+    """What :func:`setup` builds and :func:`train` / :func:`save` use."""
 
-    d = task.resolved_data_dir()
-    with _lock(d.parent / f".{d.name}.lock"):
-        return prepare_files(task)
+    cfg: FinetuneConfig
+    out: Path
+    groups: ProcessGroups
+    tokenizer: object
+    chunks: List[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    sampler: object
+    train_ds: object
+    val_ds: object
+    eval_records: List[dict]
+    batches_of: Callable  # (dataset, index lists) -> collated micro-batches
+    autocast: Optional[torch.dtype]
+    preempt: PreemptionFlag
+    counts: dict
+    t_start: float
+    state: dict = field(default_factory=lambda: {
+        "step": 0, "best_val": None, "bad_checks": 0, "best_step": None, "metrics_before": None,
+        "train_time": 0.0, "tokens": 0, "stopped_early": False})
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
 
-def _read_task_data(task: TaskConfig, splits=("train", "validation")) -> dict:
-    """Every split the run reads (``splits`` and the evaluation split), read and checked
-    line by line: ``{"files": {split: path}, split: records, ...}``. Called before any base
-    weights are loaded, so a mistake in the data is reported at once."""
-    from tiedlora.data.sft import read_jsonl
-
-    files = _prepare_task(task)
-    out = {"files": files}
-    for split in dict.fromkeys((*splits, task.eval_split)):
-        out[split] = read_jsonl(files[split])
-    return out
-
-
-def _param_counts(chunks, model_cfg: ModelConfig, peft_cfg: PeftConfig) -> dict:
-    shapes = {t: model_cfg.target_shape(t) for t in peft_cfg.target_modules}
-    trainable = peft_cfg.trainable_count(shapes, model_cfg.num_layers)
-    lora = peft_cfg.lora_count(shapes, model_cfg.num_layers)
-    return {"trainable_params": trainable, "lora_trainable_params": lora,
-            "share_of_lora": trainable / lora}
-
-
-# ----------------------------------------------------------------------- evaluation
-def _evaluate(chunks, tokenizer, task: TaskConfig, records, model_cfg, eval_cfg: EvalConfig):
-    from tiedlora.evaluate import evaluate_task
-
-    if len(chunks) > 1 or (dist.is_initialized() and _pp() > 1):
-        return None, None
-    return evaluate_task(chunks[0], tokenizer, task, records, model_cfg.padded_vocab_size(),
-                         limit=eval_cfg.limit, batch_size=eval_cfg.batch_size, progress=_is_rank0())
+    def model_info(self) -> dict:
+        return asdict(self.cfg.model)
 
 
-def _pp() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_pipeline_model_parallel_world_size()
-
-
-def _fmt_metrics(m: Optional[dict]) -> str:
-    return "n/a" if not m else ", ".join(f"{k}={v:.1f}" for k, v in m.items())
-
-
-# --------------------------------------------------------------------------- train
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """The whole job; returns the results dict (also written to results.json)."""
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
-    from megatron.core import parallel_state as ps
-
+# ------------------------------------------------------------------------- set-up
+def setup(cfg: FinetuneConfig) -> Run:
+    """Data first (no process group needed), then the process group, model, optimizer,
+    and the latest checkpoint of ``cfg.output_dir`` when there is one."""
     from tiedlora.data.sft import MicroBatchSampler, SFTDataset, collate
-    from tiedlora.dist import init_distributed, shutdown
-    from tiedlora.peft import adapter_state_dict, finalize_adapter_grads, load_adapter_state_dict
-    from tiedlora.training import (PreemptionFlag, build_optimizer, clip_adapter_grads,
-                                   forward_backward, global_tokens, load_training_state_tensors,
-                                   lr_at, optimizer_params, reduce_loss, sync_tied_copies,
-                                   training_state_tensors, truncate_metrics, write_jsonl_line)
 
     t_start = time.time()
+    compat.install()  # CPU machines: megatron-core's CUDA-only calls go to the CPU (no-op on GPU)
     out = Path(cfg.output_dir)
     # ---- data first: a bad line is reported before minutes of loading base weights
-    records = _read_task_data(cfg.task)
+    records = read_task_data(cfg.task)
     weights, tok_path = resolve_base(cfg.model)
     tokenizer = load_tokenizer(tok_path, cfg.model)
     max_len = min(cfg.task.max_length, cfg.model.seq_length)
@@ -232,19 +120,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     files = records["files"]
     train_ds = SFTDataset(files["train"], records=records["train"], **ds_kw)
     val_ds = SFTDataset(files["validation"], records=records["validation"], **ds_kw)
-    eval_records = records[cfg.task.eval_split]
 
     # ---- model
     init_distributed(cfg.parallel, seed=cfg.trainer.seed)
-    rank0 = _is_rank0()
+    groups = process_groups()
     preempt = PreemptionFlag(cfg.trainer.preempt_signals)
     chunks = build_model(cfg.model, cfg.peft, cfg.parallel, weights)
-    counts = _param_counts(chunks, cfg.model, cfg.peft)
 
     # ---- batching
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    sampler = MicroBatchSampler(len(train_ds), cfg.trainer.global_batch_size,
-                                cfg.trainer.micro_batch_size, dp_rank, dp, cfg.trainer.seed)
+    sampler = MicroBatchSampler(len(train_ds), cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
+                                groups.rank(groups.dp), groups.size(groups.dp), cfg.trainer.seed)
     pad_mult = 8 * cfg.parallel.tp if cfg.parallel.sp else 8
     fixed_shape = cfg.parallel.pp > 1  # pipeline p2p needs one shape for all micro-batches
 
@@ -255,72 +140,78 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             length = -(-longest // pad_mult) * pad_mult
         return [collate([ds[i] for i in il], tokenizer.pad_id, pad_mult, length) for il in index_lists]
 
-    # ---- optimizer, state
-    params = optimizer_params(chunks)
-    optimizer = build_optimizer(params, cfg.optim)
     autocast = None
     if torch.cuda.is_available() and cfg.trainer.precision in ("auto", "bf16"):
         autocast = torch.bfloat16
-    state = {"step": 0, "best_val": None, "bad_checks": 0, "best_step": None,
-             "metrics_before": None, "train_time": 0.0, "tokens": 0, "stopped_early": False}
-    metrics_path = out / "metrics.jsonl"
-    latest = ckpt.latest_checkpoint(out) if cfg.checkpoint.resume else None
-    if latest is not None:
-        tensors, saved_cfg, meta = ckpt.load_adapter(latest)
-        ckpt.check_compatible(saved_cfg, cfg.peft, where=str(latest / ckpt.ADAPTER_FILE))
-        load_adapter_state_dict(chunks, tensors)
-        ts, trainer_state = ckpt.load_trainer_state(latest / ckpt.STATE_FILE)
-        state.update(trainer_state)
-        exact = load_training_state_tensors(chunks, optimizer, ts)
-        sampler.load_state_dict(state.pop("sampler"))
-        _say(f"[tiedlora] resumed from {latest} at step {state['step']}"
+    run = Run(cfg=cfg, out=out, groups=groups, tokenizer=tokenizer, chunks=chunks,
+              optimizer=build_optimizer(trainable_params(chunks), cfg.optim), sampler=sampler,
+              train_ds=train_ds, val_ds=val_ds, eval_records=records[cfg.task.eval_split],
+              batches_of=batches_of, autocast=autocast, preempt=preempt,
+              counts=param_counts(cfg.model, cfg.peft), t_start=t_start)
+
+    # ---- resume, or start a fresh metrics log
+    resumed = ckpt.resume_training(out, chunks, run.optimizer, cfg.peft, groups) if cfg.checkpoint.resume else None
+    if resumed is not None:
+        latest, meta, exact = resumed
+        run.state.update(meta)
+        sampler.load_state_dict(run.state.pop("sampler"))
+        _say(f"[tiedlora] resumed from {latest} at step {run.state['step']}"
              + ("" if exact else " (world size changed: RNG states re-seeded)"))
-        if rank0:
-            truncate_metrics(metrics_path, state["step"])
-    elif rank0:
+        if is_rank0():
+            truncate_metrics(run.metrics_path, run.state["step"])
+    elif is_rank0():
         out.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    _barrier()
+        run.metrics_path.unlink(missing_ok=True)
+    if is_rank0():
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    barrier()
+    return run
 
-    def save_checkpoint(step: int):
-        adapter = adapter_state_dict(chunks)
-        tstate = training_state_tensors(chunks, optimizer)
-        meta = {**state, "step": step, "sampler": sampler.state_dict()}
-        if rank0:
-            def write(d: Path):
-                ckpt.save_adapter(d / ckpt.ADAPTER_FILE, adapter, cfg.peft, asdict(cfg.model), {"step": step})
-                from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in tstate.items()}, str(d / ckpt.STATE_FILE),
-                          metadata={"trainer": json.dumps(meta)})
-            ckpt.commit_checkpoint(out, step, write, cfg.checkpoint.keep_last)
-        _barrier()
+def validation_loss(run: Run) -> float:
+    """Per-token loss on (up to ``trainer.limit_val_batches``) validation micro-batches."""
+    cfg, groups = run.cfg, run.groups
+    for c in run.chunks:
+        c.eval()
+    mbs = cfg.trainer.micro_batch_size
+    lists = [list(range(i, min(i + mbs, len(run.val_ds)))) for i in range(0, len(run.val_ds), mbs)]
+    if cfg.trainer.limit_val_batches:
+        lists = lists[:cfg.trainer.limit_val_batches]
+    mine = lists[groups.rank(groups.dp)::groups.size(groups.dp)] or lists[:1]
+    with torch.no_grad():
+        loss_sum, toks = forward_backward(run.chunks, run.batches_of(run.val_ds, mine), forward_only=True,
+                                          autocast_dtype=run.autocast)
+    for c in run.chunks:
+        c.train()
+    return reduce_loss(loss_sum, toks, groups)
 
-    def validation_loss() -> float:
-        for c in chunks:
-            c.eval()
-        mbs = cfg.trainer.micro_batch_size
-        lists = [list(range(i, min(i + mbs, len(val_ds)))) for i in range(0, len(val_ds), mbs)]
-        if cfg.trainer.limit_val_batches:
-            lists = lists[:cfg.trainer.limit_val_batches]
-        mine = lists[dp_rank::dp] or lists[:1]
-        with torch.no_grad():
-            loss_sum, toks = forward_backward(chunks, batches_of(val_ds, mine), forward_only=True,
-                                              autocast_dtype=autocast)
-        for c in chunks:
-            c.train()
-        return reduce_loss(loss_sum, toks)
 
-    # ---- metric before training (the adapted model at step 0 is the base: ΔW = 0)
+def save_checkpoint(run: Run, step: int) -> None:
+    ckpt.save_training_checkpoint(run.out, step, run.chunks, run.optimizer, run.cfg.peft, run.model_info(),
+                                  {**run.state, "step": step, "sampler": run.sampler.state_dict()},
+                                  run.cfg.checkpoint.keep_last, run.groups)
+
+
+# --------------------------------------------------------------------------- train
+def train(run: Run) -> float:
+    """The loop, one optimizer step per iteration; returns its wall time in seconds.
+
+    Exits the process (status ``trainer.preempt_exit_code``) after the checkpoint that a
+    preemption signal asked for.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    cfg, state, chunks, groups = run.cfg, run.state, run.chunks, run.groups
+    rank0, dp = is_rank0(), groups.size(groups.dp)
+
+    # metric before training (the adapted model at step 0 is the base: ΔW = 0)
     if cfg.eval.before and state["metrics_before"] is None:
-        state["metrics_before"], _ = _evaluate(chunks, tokenizer, cfg.task, eval_records, cfg.model, cfg.eval)
-        _say(f"[tiedlora] before fine-tuning: {_fmt_metrics(state['metrics_before'])}")
+        state["metrics_before"], _ = evaluate_chunks(chunks, run.tokenizer, cfg.task, run.eval_records,
+                                                     cfg.model, cfg.eval, groups)
+        _say(f"[tiedlora] before fine-tuning: {fmt_metrics(state['metrics_before'])}")
 
-    # ---- the loop
-    writer = SummaryWriter(str(out / "tb")) if rank0 else None
+    writer = SummaryWriter(str(run.out / "tb")) if rank0 else None
     max_steps = cfg.trainer.max_steps
     # A live bar on a terminal; plain log lines every trainer.log_every steps otherwise (Slurm logs).
     tty = sys.stderr.isatty()
@@ -330,36 +221,36 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     t_loop = time.time()
     while step < max_steps and not state["stopped_early"]:
         t0 = time.time()
-        micro = batches_of(train_ds, next(sampler))
-        n_tokens = global_tokens(micro)
+        micro = run.batches_of(run.train_ds, next(run.sampler))
+        n_tokens = global_tokens(micro, groups)
         for c in chunks:
             c.zero_grad(set_to_none=True)
-        loss_sum, toks = forward_backward(chunks, micro, autocast_dtype=autocast)
-        finalize_adapter_grads(chunks, num_tokens=n_tokens)
-        grad_norm = clip_adapter_grads(chunks, cfg.optim.grad_clip)
+        loss_sum, toks = forward_backward(chunks, micro, autocast_dtype=run.autocast)
+        finalize_adapter_grads(chunks, num_tokens=n_tokens, groups=groups)
+        grad_norm = clip_adapter_grads(chunks, cfg.optim.grad_clip, groups)
         lr = lr_at(step, cfg.optim, max_steps)
-        for g in optimizer.param_groups:
+        for g in run.optimizer.param_groups:
             g["lr"] = lr
-        optimizer.step()
+        run.optimizer.step()
         sync_tied_copies(chunks)
         step += 1
-        loss = reduce_loss(loss_sum, toks)
-        seen = sum(int((b["tokens"] != tokenizer.pad_id).sum()) for b in micro) * dp
+        loss = reduce_loss(loss_sum, toks, groups)
+        seen = sum(int((b["tokens"] != run.tokenizer.pad_id).sum()) for b in micro) * dp
         dt = time.time() - t0
         state["tokens"] += seen
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": seen / dt, "step_time_s": dt}
 
         if cfg.trainer.val_check_interval and (step % cfg.trainer.val_check_interval == 0 or step == max_steps):
-            val = validation_loss()
+            val = validation_loss(run)
             record["val_loss"] = val
             best = state["best_val"]
             if best is None or val < best - cfg.trainer.early_stopping_min_delta:
                 state.update(best_val=val, best_step=step, bad_checks=0)
-                best_sd = adapter_state_dict(chunks)
+                best_sd = adapter_state_dict(chunks, groups=groups)
                 if rank0:
-                    ckpt.save_adapter(out / "best" / ckpt.ADAPTER_FILE, best_sd, cfg.peft,
-                                      asdict(cfg.model), {"step": step, "val_loss": val})
+                    ckpt.save_adapter(run.out / "best" / ckpt.ADAPTER_FILE, best_sd, cfg.peft,
+                                      run.model_info(), {"step": step, "val_loss": val})
             else:
                 state["bad_checks"] += 1
             patience = cfg.trainer.early_stopping_patience
@@ -369,7 +260,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         state["train_time"] += dt
         state["step"] = step
         if rank0:
-            write_jsonl_line(metrics_path, record)
+            write_jsonl_line(run.metrics_path, record)
             for k, v in record.items():
                 if k != "step":
                     writer.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, step)
@@ -382,12 +273,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 print(f"step {step}/{max_steps} loss={loss:.4f} lr={lr:.2e} tok/s={seen / dt:,.0f}"
                       f"{extra} eta={eta:.0f}s", flush=True)
 
-        stop = preempt.agreed()
+        stop = run.preempt.agreed()
         every = cfg.checkpoint.every_n_steps
         if stop or state["stopped_early"] or step == max_steps or (every and step % every == 0):
-            save_checkpoint(step)
+            save_checkpoint(run, step)
         if stop:
-            _say(f"[tiedlora] {preempt.hit or 'signal'} received: checkpoint saved at step {step}; "
+            _say(f"[tiedlora] {run.preempt.hit or 'signal'} received: checkpoint saved at step {step}; "
                  f"exiting with status {cfg.trainer.preempt_exit_code} (rerun to resume)")
             bar.close()
             if writer:
@@ -399,41 +290,57 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                  f"{cfg.trainer.early_stopping_patience} checks")
             break
     bar.close()
-    preempt.disarm()
-    train_wall = time.time() - t_loop
+    if writer:
+        writer.close()
+    run.preempt.disarm()
+    return time.time() - t_loop
 
-    # ---- final adapter and evaluation
+
+# ---------------------------------------------------------------------------- save
+def save(run: Run, train_wall: float) -> dict:
+    """Choose the final adapter (best validation loss or last), save it as
+    ``adapter.safetensors``, evaluate it, write ``results.json``; returns the results."""
+    cfg, state, out, groups = run.cfg, run.state, run.out, run.groups
     chosen = "last"
     if cfg.eval.use_best and (out / "best" / ckpt.ADAPTER_FILE).is_file():
         tensors, _, _ = ckpt.load_adapter(out / "best" / ckpt.ADAPTER_FILE)
-        load_adapter_state_dict(chunks, tensors)
+        load_adapter_state_dict(run.chunks, tensors, groups=groups)
         chosen = f"best (step {state['best_step']}, val loss {state['best_val']:.4f})"
-    final_sd = adapter_state_dict(chunks)
-    if rank0:
-        ckpt.save_adapter(out / ckpt.ADAPTER_FILE, final_sd, cfg.peft, asdict(cfg.model),
-                          {"step": step, "selected": chosen})
+    final_sd = adapter_state_dict(run.chunks, groups=groups)
+    if is_rank0():
+        ckpt.save_adapter(out / ckpt.ADAPTER_FILE, final_sd, cfg.peft, run.model_info(),
+                          {"step": state["step"], "selected": chosen})
     t_eval = time.time()
     metrics_after, rows = (None, None)
     if cfg.eval.after:
-        metrics_after, rows = _evaluate(chunks, tokenizer, cfg.task, eval_records, cfg.model, cfg.eval)
+        metrics_after, rows = evaluate_chunks(run.chunks, run.tokenizer, cfg.task, run.eval_records,
+                                              cfg.model, cfg.eval, groups)
     eval_time = time.time() - t_eval
     results = {
         "task": cfg.task.name, "model": cfg.model.name, "preset": cfg.peft.name, "rank": cfg.peft.rank,
-        **counts, "metrics": metrics_after, "metrics_before": state["metrics_before"],
-        "steps": step, "best_val_loss": state["best_val"], "best_step": state["best_step"],
+        **run.counts, "metrics": metrics_after, "metrics_before": state["metrics_before"],
+        "steps": state["step"], "best_val_loss": state["best_val"], "best_step": state["best_step"],
         "stopped_early": state["stopped_early"], "adapter": str(out / ckpt.ADAPTER_FILE),
         "adapter_selected": chosen, "train_time_s": round(state["train_time"], 1),
         "tokens_per_s": round(state["tokens"] / max(state["train_time"], 1e-9), 1),
-        "eval_time_s": round(eval_time, 1), "wall_time_s": round(time.time() - t_start, 1),
-        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp, "sp": cfg.parallel.sp},
+        "eval_time_s": round(eval_time, 1), "wall_time_s": round(time.time() - run.t_start, 1),
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": groups.size(groups.dp),
+                   "sp": cfg.parallel.sp},
     }
-    if rank0:
+    if is_rank0():
         if rows is not None:
-            ckpt.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        ckpt.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-        writer.close()
+            atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         _print_summary(results, train_wall)
-    _barrier()
+    barrier()
+    return results
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """The whole job; returns the results dict (also written to results.json)."""
+    run = setup(cfg)
+    train_wall = train(run)
+    results = save(run, train_wall)
     shutdown()
     return results
 
@@ -457,43 +364,6 @@ def _print_summary(r: dict, train_wall: float) -> None:
     print(f"results: {Path(r['adapter']).parent / 'results.json'}")
     print("=" * 72, flush=True)
 
-
-def run_evaluation(cfg: FinetuneConfig) -> dict:
-    """Evaluate a saved adapter (``python -m tiedlora.evaluate``)."""
-    from tiedlora.dist import init_distributed, shutdown
-    from tiedlora.peft import load_adapter_state_dict
-
-    t0 = time.time()
-    out = Path(cfg.output_dir)
-    if cfg.parallel.pp > 1:
-        raise ValueError(f"parallel.pp={cfg.parallel.pp}: evaluation runs with parallel.pp=1 "
-                         "(adapters are layout-independent)")
-    adapter_path = Path(cfg.adapter) if cfg.adapter else out / ckpt.ADAPTER_FILE
-    tensors, saved_peft, meta = ckpt.load_adapter(adapter_path)
-    records = _read_task_data(cfg.task, splits=())[cfg.task.eval_split]  # data before weights
-    weights, tok_path = resolve_base(cfg.model)
-    tokenizer = load_tokenizer(tok_path, cfg.model)
-    init_distributed(cfg.parallel, seed=cfg.trainer.seed)
-    chunks = build_model(cfg.model, saved_peft, cfg.parallel, weights)
-    load_adapter_state_dict(chunks, tensors)
-    metrics, rows = _evaluate(chunks, tokenizer, cfg.task, records, cfg.model, cfg.eval)
-    previous = {}
-    if (out / "results.json").is_file():
-        previous = json.loads((out / "results.json").read_text())
-    results = {**previous, "task": cfg.task.name, "model": cfg.model.name, "preset": saved_peft.name,
-               "rank": saved_peft.rank, **_param_counts(chunks, cfg.model, saved_peft),
-               "metrics": metrics, "adapter": str(adapter_path),
-               "steps": json.loads(meta.get("step", "null")) if "step" in meta else previous.get("steps"),
-               "eval_time_s": round(time.time() - t0, 1)}
-    results.setdefault("wall_time_s", results["eval_time_s"])
-    if _is_rank0():
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        ckpt.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-        print(f"{cfg.task.name} {saved_peft.name} r={saved_peft.rank}: {_fmt_metrics(metrics)}  "
-              f"-> {out / 'results.json'}", flush=True)
-    shutdown()
-    return results
 
 
 # ------------------------------------------------------------------------- hydra

@@ -36,7 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tiedlora.models.gpt import ModelConfig, ParallelConfig
+from tiedlora import compat
+from tiedlora.config import ModelConfig, ParallelConfig
+from tiedlora.dist import barrier, is_rank0
 
 
 # ------------------------------------------------------------------------- the merge
@@ -127,7 +129,7 @@ def merge_checkpoint(adapter: os.PathLike | str, model_cfg: ModelConfig, output:
     writes ``output`` (a ``.nemo`` file for NeMo bases, a directory for Hugging Face ones).
     """
     from tiedlora.checkpoint import load_adapter
-    from tiedlora.convert import read_source
+    from tiedlora.convert import read_source, save_merged
     from tiedlora.convert.layout import gather_full, load_source
     from tiedlora.models.gpt import build_model_chunks
     from tiedlora.peft import apply_peft, load_adapter_state_dict
@@ -136,7 +138,7 @@ def merge_checkpoint(adapter: os.PathLike | str, model_cfg: ModelConfig, output:
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"--output {output}: already exists; choose a new path")
-    fmt, source = read_source(model_cfg)  # checks model_cfg against the checkpoint
+    _, source = read_source(model_cfg)  # checks model_cfg against the checkpoint
     adapter = resolve_adapter(adapter)
     tensors, peft_cfg, meta = load_adapter(adapter)
     check_adapter_model(meta, model_cfg, str(adapter))
@@ -148,14 +150,9 @@ def merge_checkpoint(adapter: os.PathLike | str, model_cfg: ModelConfig, output:
     load_adapter_state_dict(chunks, tensors)
     names = merge_adapters_(chunks)
     merged = gather_full(chunks, names)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        if fmt == "nemo":
-            from tiedlora.convert.nemo import save_merged
-        else:
-            from tiedlora.convert.hf_llama import save_merged
+    if is_rank0():
         save_merged(model_cfg.checkpoint, output, merged, model_cfg)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return output
 
 
@@ -198,6 +195,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     if not any(o.startswith("model.params_dtype=") for o in args.overrides):
         # merge in the checkpoint's own precision: untouched tensors stay bit-exact
         model_cfg.params_dtype = model_config_from_checkpoint(model_cfg.checkpoint).params_dtype
+    compat.install()  # CPU machines: megatron-core's CUDA-only calls go to the CPU
     owns_dist = not dist.is_initialized()
     parallel = ParallelConfig(tp=int(os.environ.get("WORLD_SIZE", "1")))
     init_distributed(parallel)

@@ -29,18 +29,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tiedlora import compat
 
 BUILTIN = "builtin:mini"
 VERSION = 2
@@ -155,17 +155,6 @@ def shipped(model_cfg, d: Path = ASSETS) -> tuple[Path, Path]:
     return d / WEIGHTS, d / TOKENIZER
 
 
-@contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _packed_batches(ids: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
     n = (ids.numel() - 1) // seq
     while True:
@@ -188,7 +177,8 @@ def build(model_cfg, settings: PretrainSettings = SETTINGS, out: Path = ASSETS) 
     from tiedlora.data.mini_tasks import pretraining_corpus
     from tiedlora.data.tokenizers import train_sentencepiece
     from tiedlora.dist import init_distributed, shutdown
-    from tiedlora.models.gpt import ParallelConfig, build_gpt_model
+    from tiedlora.config import ParallelConfig
+    from tiedlora.models.gpt import build_gpt_model
     from tiedlora.models.io import save_base
 
     final = Path(out).resolve()
@@ -205,6 +195,7 @@ def build(model_cfg, settings: PretrainSettings = SETTINGS, out: Path = ASSETS) 
         ids.extend(tok.encode(line) + [tok.eos_id])
     ids = torch.tensor(ids, dtype=torch.long)
 
+    compat.install()  # CPU machines: megatron-core's CUDA-only calls go to the CPU
     init_distributed(ParallelConfig(), seed=settings.seed)
     model = build_gpt_model(model_cfg)
     params = [p for p in model.parameters()]

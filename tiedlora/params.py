@@ -18,33 +18,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from typing import List
 
-from omegaconf import MISSING
-
-from tiedlora.models.gpt import ModelConfig
-from tiedlora.peft.config import PeftConfig
-
-RANKS = [2, 8, 32, 128]
-
-
-@dataclass
-class ParamsConfig:
-    model: ModelConfig = MISSING
-    peft: PeftConfig = MISSING
-    all: bool = False  # every preset in conf/peft × ranks
-    ranks: List[int] = field(default_factory=lambda: list(RANKS))
-    format: str = "table"  # table | json
-
-    def __post_init__(self):
-        if self.format not in ("table", "json"):
-            raise ValueError(f"format={self.format!r}: expected table or json")
+from tiedlora import compat
+from tiedlora.config import ModelConfig, ParallelConfig, ParamsConfig, PeftConfig
 
 
 def count(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> dict:
     """One report row. Builds the model on the meta device (needs parallel state)."""
-    from tiedlora.models.gpt import ParallelConfig, build_gpt_model
+    from tiedlora.models.gpt import build_gpt_model
     from tiedlora.peft.model import adapter_parameters, apply_peft
 
     model = build_gpt_model(model_cfg, ParallelConfig(), meta=True)
@@ -111,7 +93,6 @@ def main() -> None:
     from tiedlora.cli import hydra_main
     from tiedlora.config import to_object
     from tiedlora.dist import init_distributed, shutdown
-    from tiedlora.models.gpt import ParallelConfig
 
     # Friendly flags on top of Hydra overrides.
     sys.argv = [{"--all": "all=true", "--json": "format=json"}.get(a, a) for a in sys.argv]
@@ -120,6 +101,7 @@ def main() -> None:
     @hydra_main("params")
     def _run(dcfg) -> None:
         cfg: ParamsConfig = to_object(dcfg)
+        compat.install()  # CPU machines: megatron-core's CUDA-only calls go to the CPU
         init_distributed(ParallelConfig())
         try:
             rows = rows_for(cfg, overrides)

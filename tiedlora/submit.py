@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tiedlora.checkpoint import atomic_write_text
 from tiedlora.cli import report_user_error
+from tiedlora.files import atomic_write_text
 from tiedlora.launch.cluster import ClusterConfig, load_cluster
 from tiedlora.launch.sbatch import OUTPUT_DIR_ENV, OUTPUT_DIR_OVERRIDE, JobSpec, hydra_quote, render_script
 

@@ -25,7 +25,8 @@ from tiedlora.convert import load_base_checkpoint, model_config_from_checkpoint 
 from tiedlora.convert.layout import gather_full  # noqa: E402
 from tiedlora.dist import init_distributed, shutdown  # noqa: E402
 from tiedlora.merge import merge_adapters_, merge_checkpoint  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig, build_gpt_model, build_model_chunks  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_gpt_model, build_model_chunks  # noqa: E402
 from tiedlora.peft import apply_peft, load_adapter_state_dict  # noqa: E402
 
 
@@ -69,4 +70,7 @@ def main(out: str, manifest: str) -> None:
 
 
 if __name__ == "__main__":
+    from tiedlora import compat
+
+    compat.install()  # once, at process start
     main(sys.argv[1], sys.argv[2])

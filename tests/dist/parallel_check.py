@@ -27,10 +27,11 @@ import parallel_train as pt  # noqa: E402
 
 from tiedlora import checkpoint as ckpt  # noqa: E402
 from tiedlora.dist import init_distributed, shutdown  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
 from tiedlora.peft import adapter_state_dict, load_adapter_state_dict  # noqa: E402
-from tiedlora.training import (build_optimizer, load_training_state_tensors,  # noqa: E402
-                               optimizer_params, training_state_tensors)
+from tiedlora.checkpoint import load_training_state_tensors, training_state_tensors  # noqa: E402
+from tiedlora.peft.model import trainable_params  # noqa: E402
+from tiedlora.training import build_optimizer  # noqa: E402
 
 LAYOUTS = {
     "pp2": ParallelConfig(pp=2),
@@ -66,7 +67,7 @@ def main(out: str, base_path: str, scratch: str) -> None:
         assert json.loads(meta["model"])["layout"] == src
         chunks = pt.build(LAYOUTS[dst], saved_cfg.name, base)
         load_adapter_state_dict(chunks, tensors)
-        optimizer = build_optimizer(optimizer_params(chunks), pt.OPTIM)
+        optimizer = build_optimizer(trainable_params(chunks), pt.OPTIM)
         load_training_state_tensors(chunks, optimizer, load_file(str(scratch / f"{src}.state.safetensors")))
         state = training_state_tensors(chunks, optimizer)
         results[f"xload/{src}->{dst}"] = {
@@ -81,4 +82,7 @@ def main(out: str, base_path: str, scratch: str) -> None:
 
 
 if __name__ == "__main__":
+    from tiedlora import compat
+
+    compat.install()  # once, at process start
     main(*sys.argv[1:4])

@@ -31,13 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import ALL_TARGETS, preset, targets_override, tiny_model_cfg  # noqa: E402
 
 from tiedlora.dist import set_seed  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig, build_model_chunks  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_model_chunks  # noqa: E402
 from tiedlora.convert.layout import LazyTensor, load_source  # noqa: E402
 from tiedlora.peft import adapter_state_dict, apply_peft, finalize_adapter_grads  # noqa: E402
-from tiedlora.peft.model import iter_adapter_params  # noqa: E402
-from tiedlora.training import (OptimConfig, build_optimizer, clip_adapter_grads,  # noqa: E402
-                               forward_backward, global_tokens, optimizer_params, reduce_loss,
-                               sync_tied_copies, training_state_tensors)
+from tiedlora.checkpoint import training_state_tensors  # noqa: E402
+from tiedlora.config import OptimConfig  # noqa: E402
+from tiedlora.peft.model import iter_adapter_params, trainable_params  # noqa: E402
+from tiedlora.training import (build_optimizer, clip_adapter_grads, forward_backward,  # noqa: E402
+                               global_tokens, reduce_loss, sync_tied_copies)
 
 SEED = 5
 STEPS = 3  # optimizer steps
@@ -103,9 +105,9 @@ def tied_copy_spread(chunks) -> float:
 
     copies: Dict[str, List[torch.Tensor]] = {}
     for c in chunks:
-        for n, p, _ in iter_adapter_params(c):
-            if n.startswith("tied."):
-                copies.setdefault(n, []).append(p.detach().cpu().clone())
+        for r in iter_adapter_params(c):
+            if r.tied:
+                copies.setdefault(r.name, []).append(r.param.detach().cpu().clone())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(parts, copies, group=ps.get_pipeline_model_parallel_group())
@@ -124,9 +126,9 @@ def tied_holders(chunks) -> Dict[str, int]:
     """tied factor -> number of copies on this rank (one per virtual chunk)."""
     out: Dict[str, int] = {}
     for c in chunks:
-        for n, _, _ in iter_adapter_params(c):
-            if n.startswith("tied."):
-                out[n] = out.get(n, 0) + 1
+        for r in iter_adapter_params(c):
+            if r.tied:
+                out[r.name] = out.get(r.name, 0) + 1
     return out
 
 
@@ -135,9 +137,9 @@ def optimizer_entries(chunks, optimizer) -> Dict[str, int]:
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     count: Dict[str, int] = {}
     for c in chunks:
-        for n, p, _ in iter_adapter_params(c):
-            if p.requires_grad:
-                count[n] = count.get(n, 0) + (id(p) in held)
+        for r in iter_adapter_params(c):
+            if r.param.requires_grad:
+                count[r.name] = count.get(r.name, 0) + (id(r.param) in held)
     return count
 
 
@@ -174,10 +176,10 @@ def train(parallel: ParallelConfig, name: str, base: Dict[str, torch.Tensor], st
     result = {"init": adapter_state_dict(chunks), "tied_spread": [tied_copy_spread(chunks)],
               "tied_holders": tied_holders(chunks), "losses": [], "grad_norms": [], "grads": [],
               "dp_reduced_numel": [], "base_grads": 0}
-    params = optimizer_params(chunks)
+    params = trainable_params(chunks)
     optimizer = build_optimizer(params, OPTIM)
     result["optimizer_entries"] = optimizer_entries(chunks, optimizer)
-    result["trainable_numel"] = sum(p.numel() for p in params.values())
+    result["trainable_numel"] = sum(r.param.numel() for r in params)
     for step in range(steps):
         micro = my_micro_batches(step)
         n_tokens = global_tokens(micro)

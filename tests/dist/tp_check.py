@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import ALL_TARGETS, batch, build, perturb, preset, targets_override, tiny_model_cfg  # noqa: E402
 
 from tiedlora.dist import init_distributed, set_seed, shutdown  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
 from tiedlora.peft import adapter_state_dict, finalize_adapter_grads  # noqa: E402
 
 PRESETS = ["lora", "vera", "tl6", "tl3"]
@@ -43,4 +43,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
+    from tiedlora import compat
+
+    compat.install()  # once, at process start
     main(sys.argv[1])

@@ -26,7 +26,8 @@ from helpers import ALL_TARGETS, batch, perturb, preset, targets_override, tiny_
 from tiedlora import compat  # noqa: E402
 from tiedlora.checkpoint import load_adapter, save_adapter  # noqa: E402
 from tiedlora.dist import init_distributed, set_seed, shutdown  # noqa: E402
-from tiedlora.models.gpt import ParallelConfig, build_gpt_model  # noqa: E402
+from tiedlora.config import ParallelConfig  # noqa: E402
+from tiedlora.models.gpt import build_gpt_model  # noqa: E402
 from tiedlora.peft import adapter_state_dict, apply_peft, finalize_adapter_grads, load_adapter_state_dict  # noqa: E402
 
 from tiedlora.integrations.nemo import TiedLoRA  # noqa: E402
@@ -191,4 +192,5 @@ def main(out: str, root: str, other: str | None = None) -> None:
 
 
 if __name__ == "__main__":
+    compat.install()  # once, at process start
     main(*sys.argv[1:])

@@ -258,7 +258,7 @@ def test_docs_example_builds_the_paper_models(mp1, model_name, model_yaml):
 
     from tiedlora.config import CONF_DIR
     from tiedlora.integrations.nemo import TiedLoRA, TiedLoRALinear
-    from tiedlora.models.gpt import ModelConfig
+    from tiedlora.config import ModelConfig
 
     ns = {"__name__": "docs_nemo_example"}
     exec(compile(_doc_code(), str(DOC), "exec"), ns)

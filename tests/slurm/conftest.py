@@ -48,7 +48,7 @@ def tiny(tmp_path_factory, cluster):
            "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     cfg = tiny_model_cfg(vocab_size=512)
     base = d / "base"
-    code = ("import json, sys; from tiedlora import mini_base; from tiedlora.models.gpt import ModelConfig; "
+    code = ("import json, sys; from tiedlora import mini_base; from tiedlora.config import ModelConfig; "
             "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), "
             "mini_base.PretrainSettings(**json.loads(sys.argv[2])), sys.argv[3])")
     import dataclasses

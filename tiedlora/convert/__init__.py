@@ -18,15 +18,16 @@ from __future__ import annotations
 import os
 import tarfile
 from pathlib import Path
+from types import ModuleType
 from typing import List, Optional, Tuple
 
 from tiedlora.convert.layout import CheckpointFormatError, Source, check_model_matches, load_source
-from tiedlora.models.gpt import ModelConfig, ParallelConfig
+from tiedlora.config import ModelConfig, ParallelConfig
 
 FORMATS = ("nemo", "hf_llama")
 
-__all__ = ["CheckpointFormatError", "FORMATS", "checkpoint_format", "load_base_checkpoint",
-           "model_config_from_checkpoint", "read_source", "tokenizer_path"]
+__all__ = ["CheckpointFormatError", "FORMATS", "checkpoint_format", "converter", "load_base_checkpoint",
+           "model_config_from_checkpoint", "read_source", "save_merged", "tokenizer_path"]
 
 
 def checkpoint_format(path: os.PathLike | str) -> str:
@@ -46,15 +47,17 @@ def checkpoint_format(path: os.PathLike | str) -> str:
     raise CheckpointFormatError(f"{p}: no such checkpoint file or directory")
 
 
+def converter(path: os.PathLike | str) -> ModuleType:
+    """The module that reads and writes checkpoints of ``path``'s format. Each one offers
+    ``model_config_from_checkpoint``, ``tokenizer_path``, ``read_source`` and ``save_merged``."""
+    from tiedlora.convert import hf_llama, nemo
+
+    return {"nemo": nemo, "hf_llama": hf_llama}[checkpoint_format(path)]
+
+
 def model_config_from_checkpoint(path: os.PathLike | str) -> ModelConfig:
     """The architecture stored with a checkpoint, as a ModelConfig (``checkpoint`` set)."""
-    if checkpoint_format(path) == "nemo":
-        from tiedlora.convert.nemo import model_config_from_nemo
-
-        return model_config_from_nemo(path)
-    from tiedlora.convert.hf_llama import model_config_from_hf
-
-    return model_config_from_hf(path)
+    return converter(path).model_config_from_checkpoint(path)
 
 
 def tokenizer_path(path: os.PathLike | str, extract_to: Optional[os.PathLike | str] = None) -> Path:
@@ -64,13 +67,7 @@ def tokenizer_path(path: os.PathLike | str, extract_to: Optional[os.PathLike | s
     ``extract_to`` or a per-archive cache folder). Hugging Face: ``tokenizer.model`` if
     present, else the directory itself (``tokenizer.json``).
     """
-    if checkpoint_format(path) == "nemo":
-        from tiedlora.convert import nemo
-
-        return nemo.tokenizer_path(path, extract_to)
-    from tiedlora.convert import hf_llama
-
-    return hf_llama.tokenizer_path(path)
+    return converter(path).tokenizer_path(path, extract_to)
 
 
 def read_source(model_cfg: ModelConfig, path: Optional[os.PathLike | str] = None) -> Tuple[str, Source]:
@@ -84,13 +81,12 @@ def read_source(model_cfg: ModelConfig, path: Optional[os.PathLike | str] = None
         raise CheckpointFormatError("model.checkpoint is not set")
     fmt = checkpoint_format(path)
     check_model_matches(model_cfg, model_config_from_checkpoint(path), str(path))
-    if fmt == "nemo":
-        from tiedlora.convert import nemo
+    return fmt, converter(path).read_source(path, model_cfg)
 
-        return fmt, nemo.read_source(path, model_cfg)[0]
-    from tiedlora.convert import hf_llama
 
-    return fmt, hf_llama.read_source(path, model_cfg)
+def save_merged(src: os.PathLike | str, out: os.PathLike | str, replaced, model_cfg: ModelConfig) -> Path:
+    """``src`` with the canonical tensors in ``replaced`` swapped in, in ``src``'s own format."""
+    return converter(src).save_merged(src, out, replaced, model_cfg)
 
 
 def load_base_checkpoint(model_chunks: List, model_cfg: ModelConfig, parallel: ParallelConfig) -> None:

@@ -28,9 +28,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -44,7 +43,8 @@ from tiedlora.convert.layout import (
     split_fc1,
     split_qkv,
 )
-from tiedlora.models.gpt import ModelConfig
+from tiedlora.files import staged_dir
+from tiedlora.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 ST_INDEX, ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -127,15 +127,18 @@ def model_config(hcfg: dict, name: str, where: str) -> ModelConfig:
         raise CheckpointFormatError(f"{where}: {CONFIG_FILE}: {e}") from None
 
 
-def model_config_from_hf(path: os.PathLike | str) -> ModelConfig:
+def model_config_from_checkpoint(path: os.PathLike | str) -> ModelConfig:
     path = Path(path)
     cfg = model_config(read_config(path), path.name, str(path))
     cfg.checkpoint = str(path)
     return cfg
 
 
-def tokenizer_path(path: os.PathLike | str) -> Path:
-    """``tokenizer.model`` (SentencePiece) if present, else the directory (``tokenizer.json``)."""
+def tokenizer_path(path: os.PathLike | str, extract_to: Optional[os.PathLike | str] = None) -> Path:
+    """``tokenizer.model`` (SentencePiece) if present, else the directory (``tokenizer.json``).
+
+    ``extract_to`` is unused: a model directory's tokenizer is read in place.
+    """
     path = Path(path)
     if (path / "tokenizer.model").is_file():
         return path / "tokenizer.model"
@@ -352,9 +355,7 @@ def save_merged(src: os.PathLike | str, out: os.PathLike | str, replaced: Dict[s
     missing = sorted(set(updates) - set(files.files))
     if missing:
         raise CheckpointFormatError(f"{src}: merged tensors map to keys the source lacks: {_short(missing)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         for f in sorted(src.iterdir()):
             if f.is_file() and not _WEIGHT_FILE.search(f.name):
                 shutil.copyfile(f, tmp / f.name)
@@ -392,8 +393,4 @@ def save_merged(src: os.PathLike | str, out: os.PathLike | str, replaced: Dict[s
             (tmp / ST_INDEX).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in wmap.items()}},
                 indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from tiedlora.models.gpt import ModelConfig
+from tiedlora.config import ModelConfig
+from tiedlora.sharding import gather_full as _gather, shard, shard_spec
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 VOCAB_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -178,15 +178,6 @@ def base_parameters(chunk: nn.Module) -> Iterable[Tuple[str, nn.Parameter]]:
         yield canonical_name(name, offsets), p
 
 
-def _tp():
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return None, 0, 1
-    group = ps.get_tensor_model_parallel_group()
-    return group, group.rank(), group.size()
-
-
 def _fit_vocab(full: torch.Tensor, rows: int, cfg: ModelConfig, name: str, origin: str) -> torch.Tensor:
     """Pad (zeros) or trim the vocabulary padding to this TP size's padded vocabulary."""
     have = full.shape[0]
@@ -204,10 +195,11 @@ def _fit_vocab(full: torch.Tensor, rows: int, cfg: ModelConfig, name: str, origi
 @torch.no_grad()
 def load_source(chunks: List[nn.Module], source: Source, cfg: ModelConfig, where: str) -> None:
     """Copy ``source`` into this rank's parameters (any TP/PP layout; every rank calls it)."""
-    from tiedlora.peft.model import shard
+    from tiedlora.dist import process_groups
 
     check_names(source, cfg, where)
-    _, rank, tp = _tp()
+    groups = process_groups()
+    rank, tp = groups.rank(groups.tp), groups.size(groups.tp)
     for chunk in chunks:
         for name, p in base_parameters(chunk):
             key = name
@@ -217,9 +209,7 @@ def load_source(chunks: List[nn.Module], source: Source, cfg: ModelConfig, where
                 raise CheckpointFormatError(f"{where}: no tensor for model parameter {name!r}")
             lazy = source[key]
             full = lazy.read()
-            parallel = getattr(p, "tensor_model_parallel", False)
-            dim = p.partition_dim if parallel else None
-            stride = getattr(p, "partition_stride", 1) if parallel else 1
+            dim, stride = shard_spec(p)
             want = list(p.shape)
             if dim is not None:
                 want[dim] *= tp
@@ -239,30 +229,13 @@ def gather_full(chunks: List[nn.Module], names: Optional[Iterable[str]] = None) 
     Collective over the tensor- and pipeline-parallel groups: every rank calls it and every
     rank gets the result.
     """
-    from megatron.core import parallel_state as ps
-
-    from tiedlora.peft.model import unshard
+    from tiedlora.dist import process_groups
 
     wanted = None if names is None else set(names)
-    group, _, tp = _tp()
-    out: Dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        for name, p in base_parameters(chunk):
-            if wanted is not None and name not in wanted:
-                continue
-            t = p.detach()
-            if getattr(p, "tensor_model_parallel", False) and tp > 1:
-                shards = [torch.empty_like(t) for _ in range(tp)]
-                dist.all_gather(shards, t.contiguous(), group=group)
-                t = unshard(shards, p.partition_dim, getattr(p, "partition_stride", 1))
-            out[name] = t.to("cpu").clone()
-    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        parts: List[Optional[dict]] = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(parts, out, group=ps.get_pipeline_model_parallel_group())
-        out = {}
-        for part in parts:
-            for k, v in part.items():
-                out.setdefault(k, v)
+    groups = process_groups()
+    items = ((name, p, *shard_spec(p)) for chunk in chunks for name, p in base_parameters(chunk)
+             if wanted is None or name in wanted)
+    out = _gather(items, groups.tp, groups.pp)
     return dict(sorted(out.items(), key=lambda kv: _natural(kv[0])))
 
 

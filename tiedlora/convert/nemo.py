@@ -59,7 +59,8 @@ from tiedlora.convert.layout import (
     _short,
     split_fc1,
 )
-from tiedlora.models.gpt import ModelConfig
+from tiedlora.files import staged
+from tiedlora.config import ModelConfig, cache_root
 
 CONFIG_FILE = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
@@ -335,10 +336,6 @@ def _spm_vocab_size(data: bytes, where: str) -> int:
         raise CheckpointFormatError(f"{where}: not a readable SentencePiece model ({e})") from None
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("TIEDLORA_CACHE") or Path.home() / ".cache" / "tiedlora")
-
-
 def tokenizer_path(path: os.PathLike | str, extract_to: Optional[os.PathLike | str] = None) -> Path:
     """Path of the SentencePiece model of a ``.nemo`` file or folder.
 
@@ -353,7 +350,7 @@ def tokenizer_path(path: os.PathLike | str, extract_to: Optional[os.PathLike | s
         if extract_to is None:
             st = archive.path.stat()
             key = hashlib.sha1(f"{archive.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-            extract_to = _cache_root() / "nemo_tokenizers" / key
+            extract_to = cache_root() / "nemo_tokenizers" / key
         out = Path(extract_to) / PurePosixPath(member).name
         if out.is_file():
             return out
@@ -397,7 +394,7 @@ def _tp_dim(rest: str) -> Optional[int]:
 
 def read_weights(archive: NemoArchive, ycfg: dict) -> Dict[str, torch.Tensor]:
     """The NeMo state dict at TP=1 (``mp_rank_XX`` shards are joined)."""
-    from tiedlora.peft.model import unshard
+    from tiedlora.sharding import unshard
 
     if archive.has(WEIGHTS_FILE):
         return archive.load_tensors(WEIGHTS_FILE)
@@ -533,7 +530,7 @@ def check_inv_freq(sd: dict, cfg: ModelConfig, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- public API
-def model_config_from_nemo(path: os.PathLike | str) -> ModelConfig:
+def model_config_from_checkpoint(path: os.PathLike | str) -> ModelConfig:
     """ModelConfig of a ``.nemo`` file/folder; vocab_size from its SentencePiece model."""
     with NemoArchive(path) as archive:
         ycfg = read_config(archive)
@@ -555,8 +552,8 @@ def model_config_from_nemo(path: os.PathLike | str) -> ModelConfig:
         return cfg
 
 
-def read_source(path: os.PathLike | str, cfg: ModelConfig) -> Tuple[Source, dict]:
-    """(canonical source, NeMo config) of a ``.nemo`` file/folder, checked against ``cfg``."""
+def read_source(path: os.PathLike | str, cfg: ModelConfig) -> Source:
+    """The canonical source of a ``.nemo`` file/folder, checked against ``cfg``."""
     from tiedlora.convert.layout import check_names
 
     with NemoArchive(path) as archive:
@@ -566,7 +563,7 @@ def read_source(path: os.PathLike | str, cfg: ModelConfig) -> Tuple[Source, dict
     check_inv_freq(sd, cfg, where)
     source, _ = to_canonical(sd, where, split_glu(ycfg))
     check_names(source, cfg, where)
-    return source, ycfg
+    return source
 
 
 def save_merged(src: os.PathLike | str, out: os.PathLike | str, replaced: Dict[str, torch.Tensor],
@@ -598,29 +595,21 @@ def save_merged(src: os.PathLike | str, out: os.PathLike | str, replaced: Dict[s
             raw["tensor_model_parallel_size"] = 1
             ycfg_text = yaml.safe_dump(raw, sort_keys=False)
         keep = [f for f in archive.files if f != CONFIG_FILE and f != WEIGHTS_FILE and not _SHARD.match(f)]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
-            weights = Path(tmp + ".weights")
-            torch.save(new, weights)
-            del new
-            with tarfile.open(tmp, "w:") as tar:
-                _add_bytes(tar, CONFIG_FILE, ycfg_text.encode("utf-8"))
-                info = tarfile.TarInfo("./" + WEIGHTS_FILE)
-                info.size, info.mode = weights.stat().st_size, 0o644
-                with open(weights, "rb") as f:
-                    tar.addfile(info, f)
-                for f in keep:
-                    _add_bytes(tar, f, archive.read_bytes(f))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        finally:
-            Path(tmp + ".weights").unlink(missing_ok=True)
+        with staged(out) as tmp:
+            weights = tmp.with_name(tmp.name + ".weights")
+            try:
+                torch.save(new, weights)
+                del new
+                with tarfile.open(tmp, "w:") as tar:
+                    _add_bytes(tar, CONFIG_FILE, ycfg_text.encode("utf-8"))
+                    info = tarfile.TarInfo("./" + WEIGHTS_FILE)
+                    info.size, info.mode = weights.stat().st_size, 0o644
+                    with open(weights, "rb") as f:
+                        tar.addfile(info, f)
+                    for f in keep:
+                        _add_bytes(tar, f, archive.read_bytes(f))
+            finally:
+                weights.unlink(missing_ok=True)
     return out
 
 

@@ -243,7 +243,7 @@ class TiedLoRA(PEFT):
         from tiedlora import compat
 
         cfg = self._cfg
-        compat.install()
+        compat.require("TiedLoRA")
         if (ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1
                 and (cfg.A.tied or cfg.B.tied)):
             raise NotImplementedError(
@@ -328,10 +328,10 @@ class TiedLoRA(PEFT):
         import torch.distributed as dist
 
         from tiedlora.checkpoint import save_adapter
-        from tiedlora.dist import is_main
+        from tiedlora.dist import is_rank0
 
         tensors = self.adapter_state_dict(model)
-        if is_main():
+        if is_rank0():
             save_adapter(Path(path), tensors, self._cfg, model_info, extra)
         if dist.is_initialized():
             dist.barrier()

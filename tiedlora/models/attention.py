@@ -63,7 +63,7 @@ def te_available() -> bool:
 
 def require_backend(backend: str) -> None:
     """Refuse a backend this machine cannot run, naming the setting."""
-    from tiedlora.models.gpt import ATTENTION_BACKENDS
+    from tiedlora.config import ATTENTION_BACKENDS
 
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention_backend={backend!r}: expected one of {list(ATTENTION_BACKENDS)}")

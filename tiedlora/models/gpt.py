@@ -10,148 +10,17 @@ TP=2 holds exactly the shards of the TP=1 model.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from tiedlora import compat
+from tiedlora.config import DTYPES, ModelConfig, ParallelConfig
 from tiedlora.mcore_version import check_gated_fc1_stride
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION_BACKENDS = ("sdpa", "local", "te")  # see tiedlora.models.attention
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of a megatron-core GPT base model (defaults: the tiny CPU model)."""
-
-    name: str = "tiny"
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 176
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # None: multi-head attention (= heads)
-    kv_channels: Optional[int] = None  # None: hidden_size / heads
-    vocab_size: int = 512
-    make_vocab_size_divisible_by: int = 128
-    seq_length: int = 256
-    normalization: str = "RMSNorm"  # LayerNorm | RMSNorm
-    layernorm_zero_centered_gamma: bool = False  # NeMo's layernorm1p
-    layernorm_epsilon: float = 1e-5
-    activation: str = "swiglu"  # swiglu | gelu
-    position_embedding_type: str = "rope"  # rope | learned_absolute
-    rotary_percent: float = 1.0
-    rotary_base: int = 10000
-    add_bias_linear: bool = False
-    untie_embeddings_and_output_weights: bool = True
-    init_method_std: float = 0.02
-    params_dtype: str = "float32"  # float32 | bfloat16 (adapters always stay fp32)
-    attention_backend: str = "sdpa"  # sdpa | local (megatron's unfused) | te (transformer-engine)
-    # Activation recomputation (megatron-core's): null | selective (core attention) | full (layers)
-    recompute_granularity: Optional[str] = None
-    recompute_method: Optional[str] = None  # full only: uniform | block
-    recompute_num_layers: Optional[int] = None  # full only: layers per unit (uniform) / per stage (block)
-    checkpoint: Optional[str] = None  # base weights (.nemo, HF dir or our .safetensors)
-    tokenizer: Optional[str] = None  # tokenizer model file/dir; None: from the checkpoint
-
-    def __post_init__(self):
-        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                  "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"model.{f}={v!r}: must be a positive integer")
-        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
-            raise ValueError(
-                f"model.hidden_size={self.hidden_size} is not divisible by "
-                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels")
-        groups = self.num_query_groups or self.num_attention_heads
-        if self.num_attention_heads % groups:
-            raise ValueError(
-                f"model.num_query_groups={self.num_query_groups}: must divide "
-                f"num_attention_heads={self.num_attention_heads}")
-        if self.normalization not in ("LayerNorm", "RMSNorm"):
-            raise ValueError(f"model.normalization={self.normalization!r}: expected LayerNorm or RMSNorm")
-        if self.activation not in ("swiglu", "gelu"):
-            raise ValueError(f"model.activation={self.activation!r}: expected swiglu or gelu")
-        if self.position_embedding_type not in ("rope", "learned_absolute"):
-            raise ValueError(
-                f"model.position_embedding_type={self.position_embedding_type!r}: "
-                "expected rope or learned_absolute")
-        if not 0.0 < self.rotary_percent <= 1.0:
-            raise ValueError(f"model.rotary_percent={self.rotary_percent!r}: must be in (0, 1]")
-        if self.params_dtype not in _DTYPES:
-            raise ValueError(f"model.params_dtype={self.params_dtype!r}: expected one of {sorted(_DTYPES)}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"model.attention_backend={self.attention_backend!r}: "
-                             f"expected one of {list(ATTENTION_BACKENDS)}")
-        self._check_recompute()
-
-    def _check_recompute(self) -> None:
-        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
-        if g not in (None, "selective", "full"):
-            raise ValueError(f"model.recompute_granularity={g!r}: expected null, selective or full")
-        if m not in (None, "uniform", "block"):
-            raise ValueError(f"model.recompute_method={m!r}: expected null, uniform or block")
-        if g != "full":
-            for field, value in (("recompute_method", m), ("recompute_num_layers", n)):
-                if value is not None:
-                    raise ValueError(f"model.{field}={value!r}: only used with "
-                                     f"model.recompute_granularity=full (it is {g!r}); set it to null")
-            return
-        if m is None:
-            raise ValueError("model.recompute_method=None: recompute_granularity=full needs uniform or block")
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.num_layers:
-            raise ValueError(f"model.recompute_num_layers={n!r}: recompute_granularity=full needs an "
-                             f"integer in [1, num_layers={self.num_layers}]")
-
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-    @property
-    def qkv_width(self) -> int:
-        """Output width of the fused QKV projection (megatron's ``linear_qkv``)."""
-        groups = self.num_query_groups or self.num_attention_heads
-        return self.head_dim * (self.num_attention_heads + 2 * groups)
-
-    def target_shape(self, target: str) -> tuple[int, int]:
-        """(d_in, d_out) of an adapter target, unsharded."""
-        h, ffn = self.hidden_size, self.ffn_hidden_size
-        fc1_out = 2 * ffn if self.activation == "swiglu" else ffn
-        shapes = {
-            "linear_qkv": (h, self.qkv_width),
-            "linear_proj": (self.head_dim * self.num_attention_heads, h),
-            "linear_fc1": (h, fc1_out),
-            "linear_fc2": (ffn, h),
-        }
-        return shapes[target]
-
-    def padded_vocab_size(self, tp: int = 1) -> int:
-        multiple = self.make_vocab_size_divisible_by * tp
-        return -(-self.vocab_size // multiple) * multiple
-
-
-@dataclass
-class ParallelConfig:
-    """Model-parallel layout. Data parallel size = world size / (tp * pp)."""
-
-    tp: int = 1  # tensor parallel
-    pp: int = 1  # pipeline parallel
-    vpp: Optional[int] = None  # virtual pipeline stages (model chunks) per pipeline rank
-    sp: bool = False  # sequence parallel (needs tp > 1)
-
-    def __post_init__(self):
-        for f in ("tp", "pp"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"parallel.{f}={v!r}: must be an integer >= 1")
-        if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
-            raise ValueError(f"parallel.vpp={self.vpp!r}: needs parallel.pp >= 2 and vpp >= 1")
-        if self.sp and self.tp < 2:
-            raise ValueError(f"parallel.sp={self.sp!r}: sequence parallel needs parallel.tp >= 2")
+assert set(_DTYPES) == set(DTYPES)
 
 
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, perform_initialization=True):
@@ -261,7 +130,7 @@ def build_gpt_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    compat.install()
+    compat.require("build_gpt_model")
     parallel = parallel or ParallelConfig()
     config = transformer_config(cfg, parallel, perform_initialization=not meta)
     pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -306,11 +175,3 @@ def build_model_chunks(cfg: ModelConfig, parallel: ParallelConfig) -> List:
     if parallel.vpp is None:
         return [build_gpt_model(cfg, parallel)]
     return [build_gpt_model(cfg, parallel, vp_stage=i) for i in range(parallel.vpp)]
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown model config field(s): {unknown}")
-    return ModelConfig(**d)

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import List
 
-import torch.distributed as dist
 from torch import nn
 
 from tiedlora.convert.layout import CheckpointFormatError, LazyTensor, gather_full, load_source
@@ -24,10 +23,11 @@ def save_base(path: Path, chunks: List[nn.Module], model_info: dict) -> None:
     """Write the full base weights (collective over TP/PP; rank 0 writes, atomically)."""
     from safetensors.torch import save_file
 
-    from tiedlora.checkpoint import atomic_write
+    from tiedlora.dist import is_rank0
+    from tiedlora.files import atomic_write
 
     state = gather_full(chunks)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         meta = {"format": FORMAT, "model": json.dumps(model_info)}
         state = {k: v.contiguous() for k, v in state.items()}
         atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from tiedlora.peft.model import iter_adapter_params
+from tiedlora.peft.model import AdapterParam, iter_adapter_params
 
 
 def _allreduce_(tensors: List[torch.Tensor], group, op=dist.ReduceOp.SUM) -> None:
@@ -35,57 +35,60 @@ def _allreduce_(tensors: List[torch.Tensor], group, op=dist.ReduceOp.SUM) -> Non
         t.copy_(synced)
 
 
-def _grads(chunks: List[nn.Module]) -> Dict[str, List[torch.Tensor]]:
-    """Gradient tensors by layout-independent name (tied factors: one per chunk)."""
-    out: Dict[str, List[torch.Tensor]] = {}
+def _grads(chunks: List[nn.Module]) -> Dict[str, List[AdapterParam]]:
+    """Trainable adapter tensors by layout-independent name (a tied factor: one per chunk)."""
+    out: Dict[str, List[AdapterParam]] = {}
     for chunk in chunks:
-        for name, p, _ in iter_adapter_params(chunk):
-            if not p.requires_grad:
+        for rec in iter_adapter_params(chunk):
+            if not rec.param.requires_grad:
                 continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            out.setdefault(name, []).append(p)
+            if rec.param.grad is None:
+                rec.param.grad = torch.zeros_like(rec.param)
+            out.setdefault(rec.name, []).append(rec)
     return out
 
 
 @torch.no_grad()
-def finalize_adapter_grads(chunks: List[nn.Module] | nn.Module, num_tokens: int | None = None) -> None:
-    from megatron.core import parallel_state as ps
+def finalize_adapter_grads(chunks: List[nn.Module] | nn.Module, num_tokens: int | None = None,
+                           groups=None) -> None:
+    """The three reductions above; ``groups``: :class:`tiedlora.dist.ProcessGroups`
+    (default: read from megatron's parallel state)."""
+    from tiedlora.dist import process_groups
 
     chunks = chunks if isinstance(chunks, list) else [chunks]
     params = _grads(chunks)
-    if not ps.model_parallel_is_initialized():
+    groups = groups or process_groups()
+    if groups.mp is None:  # no parallel state: a single process, nothing to reduce
         return
 
     # 1. sequence parallel (every copy: virtual chunks hold distinct copies of tied factors)
-    sp = [c.grad for copies in params.values() for c in copies if getattr(c, "sequence_parallel", False)]
-    _allreduce_(sp, ps.get_tensor_model_parallel_group())
+    sp = [r.param.grad for copies in params.values() for r in copies
+          if getattr(r.param, "sequence_parallel", False)]
+    _allreduce_(sp, groups.tp)
 
     # 2. tied copies across virtual chunks and pipeline stages
-    tied = {n: ps_ for n, ps_ in params.items() if n.startswith("tied.")}
+    tied = [copies for copies in params.values() if copies[0].tied]
     if tied:
         sums = []
-        for copies in tied.values():
-            total = copies[0].grad
+        for copies in tied:
+            total = copies[0].param.grad
             for c in copies[1:]:
-                total = total + c.grad
+                total = total + c.param.grad
             sums.append(total.clone())
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            _allreduce_(sums, ps.get_pipeline_model_parallel_group())
-        for copies, total in zip(tied.values(), sums):
+        _allreduce_(sums, groups.pp)
+        for copies, total in zip(tied, sums):
             for c in copies:
-                c.grad.copy_(total)
+                c.param.grad.copy_(total)
 
     # 3. data parallel: sum (then divide by the global token count) or average
-    dp_group = ps.get_data_parallel_group()
-    dp = dist.get_world_size(dp_group)
-    grads = [ps_[0].grad for ps_ in params.values()]
+    dp = groups.size(groups.dp)
+    grads = [copies[0].param.grad for copies in params.values()]
     if dp > 1:
-        _allreduce_(grads, dp_group)
+        _allreduce_(grads, groups.dp)
     divisor = float(num_tokens) if num_tokens is not None else float(dp)
     if divisor != 1.0:
         for g in grads:
             g.div_(divisor)
     for copies in params.values():  # keep every virtual copy of a tied factor equal
         for c in copies[1:]:
-            c.grad.copy_(copies[0].grad)
+            c.param.grad.copy_(copies[0].param.grad)

@@ -17,40 +17,16 @@ Adapter tensors have layout-independent names, used by checkpoints:
 from __future__ import annotations
 
 import zlib
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from tiedlora.peft.config import COLUMN_TARGETS, FACTORS, PeftConfig
+from tiedlora.peft.config import FACTORS, PeftConfig
 from tiedlora.peft.layer import AdaptedLinear, TiedFactors, TiedLoRAAdapter
+from tiedlora.sharding import gather_full, shard, shard_spec
 
 ADAPTER_DTYPE = torch.float32  # adapters stay fp32 even when the base is bf16
-
-
-# --------------------------------------------------------------------------- sharding
-def shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
-    """This rank's slice of ``full`` along ``dim``, megatron's strided split.
-
-    With stride k the dimension is cut into size·k blocks and rank r takes blocks
-    r, r+size, ... (e.g. SwiGLU's fc1 [gate; up] gives each rank [gate_r; up_r]).
-    """
-    if size == 1:
-        return full
-    n = full.shape[dim]
-    if n % (size * stride):
-        raise ValueError(f"dimension {n} is not divisible by tp*stride={size * stride}")
-    blocks = torch.split(full, n // (size * stride), dim=dim)
-    return torch.cat(blocks[rank::size], dim=dim)
-
-
-def unshard(shards: List[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
-    """Inverse of :func:`shard` given every rank's shard in rank order."""
-    if len(shards) == 1:
-        return shards[0]
-    pieces = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 
 
 # ----------------------------------------------------------------------------- init
@@ -224,106 +200,106 @@ def declare_trainable(model: nn.Module, cfg: PeftConfig) -> None:
     """``requires_grad`` from the config flags alone: the base and frozen factors get none."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, p, _ in iter_adapter_params(model):
-        factor = name.rsplit(".", 1)[-1]
-        p.requires_grad_(bool(getattr(cfg, factor).trainable))
+    for rec in iter_adapter_params(model):
+        rec.param.requires_grad_(bool(getattr(cfg, rec.factor).trainable))
 
 
 def adapter_modules(model: nn.Module) -> List[TiedLoRAAdapter]:
     return [m for m in model.modules() if isinstance(m, TiedLoRAAdapter)]
 
 
-def iter_adapter_params(model: nn.Module) -> Iterable[Tuple[str, nn.Parameter, Optional[TiedLoRAAdapter]]]:
-    """(layout-independent name, parameter, adapter or None for tied) of every adapter tensor.
+class AdapterParam(NamedTuple):
+    """One adapter tensor of a model chunk, as the optimizer, gradient synchronisation,
+    clipping and checkpoints see it (they read these fields, never the name's spelling)."""
 
-    Tied factors are yielded once.
-    """
+    name: str  # layout-independent: tied.{target}.{A|B} or layers.{i}.{target}.{A|B|u|v}
+    param: nn.Parameter
+    factor: str  # A | B | u | v
+    tied: bool  # one tensor for every layer of its target kind (a copy per chunk/stage)
+    shard_dim: Optional[int]  # dimension sharded over tensor parallel; None: replicated
+    stride: int  # megatron's partition stride of that dimension
+    adapter: Optional[TiedLoRAAdapter]  # the layer's adapter; None for a tied factor
+
+
+def iter_adapter_params(model: nn.Module) -> Iterable[AdapterParam]:
+    """Every adapter tensor of ``model`` (one chunk) as an :class:`AdapterParam`; tied
+    factors are yielded once."""
     owner = getattr(model, "tied_adapters", None)
     if owner is not None:
         for pname, p in owner.named_parameters(recurse=False):
             target, factor = pname.rsplit("_", 1)
-            yield f"tied.{target}.{factor}", p, None
+            yield AdapterParam(f"tied.{target}.{factor}", p, factor, True, *shard_spec(p), None)
     for ad in adapter_modules(model):
         for factor in FACTORS:
             p = getattr(ad, factor)
             if p is not None:
-                yield f"layers.{ad.layer_number - 1}.{ad.target}.{factor}", p, ad
+                yield AdapterParam(f"layers.{ad.layer_number - 1}.{ad.target}.{factor}", p, factor,
+                                   False, *shard_spec(p), ad)
+
+
+def trainable_params(chunks: List[nn.Module]) -> List[AdapterParam]:
+    """The trainable adapter tensors of this rank's chunks; a tied factor appears once (the
+    first chunk's copy: the one the optimizer steps)."""
+    seen, out = set(), []
+    for chunk in chunks:
+        for rec in iter_adapter_params(chunk):
+            if rec.param.requires_grad and rec.name not in seen:
+                seen.add(rec.name)
+                out.append(rec)
+    return out
 
 
 def adapter_parameters(model: nn.Module, trainable_only: bool = True) -> Dict[str, nn.Parameter]:
     """The adapter tensors by layout-independent name (what the optimizer and checkpoints see)."""
-    return {n: p for n, p, _ in iter_adapter_params(model) if p.requires_grad or not trainable_only}
+    return {r.name: r.param for r in iter_adapter_params(model) if r.param.requires_grad or not trainable_only}
 
 
-def _spec_of(model: nn.Module, name: str, p: nn.Parameter) -> Tuple[Optional[int], int]:
-    if getattr(p, "tensor_model_parallel", False):
-        return p.partition_dim, getattr(p, "partition_stride", 1)
-    return None, 1
+def _as_list(chunks) -> List[nn.Module]:
+    return chunks if isinstance(chunks, list) else [chunks]
 
 
-def adapter_state_dict(chunks: List[nn.Module] | nn.Module, grads: bool = False
+def adapter_state_dict(chunks: List[nn.Module] | nn.Module, grads: bool = False, groups=None
                        ) -> Dict[str, torch.Tensor]:
-    """Full (unsharded) adapter tensors of the whole model, on the CPU.
+    """Full (unsharded) adapter tensors of the whole model, on the CPU, sorted by name.
 
     Collective: every rank of the model-parallel group must call it. Gathers tensor-parallel
     shards (with their partition stride) and the layers of every pipeline stage, so the
     result does not depend on the TP/PP layout. ``grads=True`` gathers the gradients of
-    the trainable tensors instead (for tests and diagnostics).
+    the trainable tensors instead (for tests and diagnostics). ``groups``: this rank's
+    :class:`tiedlora.dist.ProcessGroups` (default: read from megatron's parallel state).
     """
-    from megatron.core import parallel_state as ps
+    from tiedlora.dist import process_groups
 
-    chunks = chunks if isinstance(chunks, list) else [chunks]
-    local: Dict[str, torch.Tensor] = {}
-    tp_group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
-    tp = tp_group.size() if tp_group is not None else 1
-    for chunk in chunks:
-        for name, p, _ in iter_adapter_params(chunk):
-            if name in local:  # tied copy of another virtual chunk
-                continue
-            if grads and p.grad is None:
-                continue
-            t = (p.grad if grads else p).detach()
-            dim, stride = _spec_of(chunk, name, p)
-            if dim is not None and tp > 1:
-                shards = [torch.empty_like(t) for _ in range(tp)]
-                dist.all_gather(shards, t.contiguous(), group=tp_group)
-                t = unshard(shards, dim, stride)
-            local[name] = t.to("cpu", ADAPTER_DTYPE).clone()
-    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        gathered: List[Optional[dict]] = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(gathered, local, group=ps.get_pipeline_model_parallel_group())
-        merged: Dict[str, torch.Tensor] = {}
-        for d in gathered:
-            for k, v in d.items():
-                merged.setdefault(k, v)
-        local = merged
-    return dict(sorted(local.items()))
+    groups = groups or process_groups()
+    items = ((r.name, r.param.grad if grads else r.param, r.shard_dim, r.stride)
+             for chunk in _as_list(chunks) for r in iter_adapter_params(chunk)
+             if not (grads and r.param.grad is None))
+    full = gather_full(items, groups.tp, groups.pp)
+    return {k: v.to(ADAPTER_DTYPE) for k, v in sorted(full.items())}
 
 
 def load_adapter_state_dict(chunks: List[nn.Module] | nn.Module, state: Dict[str, torch.Tensor],
-                            strict: bool = True) -> None:
+                            strict: bool = True, groups=None) -> None:
     """Copy full adapter tensors into this rank's shards (any TP/PP layout)."""
-    from megatron.core import parallel_state as ps
+    from tiedlora.dist import process_groups
 
-    chunks = chunks if isinstance(chunks, list) else [chunks]
-    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    groups = groups or process_groups()
+    tp_rank, tp = groups.rank(groups.tp), groups.size(groups.tp)
     seen = set()
-    for chunk in chunks:
-        for name, p, _ in iter_adapter_params(chunk):
-            if name not in state:
-                raise KeyError(f"adapter checkpoint has no tensor {name!r}")
-            full = state[name]
-            dim, stride = _spec_of(chunk, name, p)
-            t = shard(full, dim, tp_rank, tp, stride) if dim is not None else full
-            if tuple(t.shape) != tuple(p.shape):
+    for chunk in _as_list(chunks):
+        for rec in iter_adapter_params(chunk):
+            if rec.name not in state:
+                raise KeyError(f"adapter checkpoint has no tensor {rec.name!r}")
+            full = state[rec.name]
+            t = shard(full, rec.shard_dim, tp_rank, tp, rec.stride) if rec.shard_dim is not None else full
+            if tuple(t.shape) != tuple(rec.param.shape):
                 raise ValueError(
-                    f"adapter tensor {name!r}: checkpoint shape {tuple(full.shape)} does not fit "
-                    f"this model's {tuple(p.shape)} (shard of TP={tp})")
+                    f"adapter tensor {rec.name!r}: checkpoint shape {tuple(full.shape)} does not fit "
+                    f"this model's {tuple(rec.param.shape)} (shard of TP={tp})")
             with torch.no_grad():
-                p.copy_(t.to(p.device, p.dtype))
-            seen.add(name)
-    if strict and ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() == 1:
+                rec.param.copy_(t.to(rec.param.device, rec.param.dtype))
+            seen.add(rec.name)
+    if strict and groups.size(groups.pp) == 1:
         extra = sorted(set(state) - seen)
         if extra:
             raise KeyError(f"adapter checkpoint has tensors this model lacks: {extra[:5]}")
