@@ -1,7 +1,7 @@
 """Export a Tied-LoRA adapter as a standard per-layer LoRA in Hugging Face PEFT's format.
 
 Tied-LoRA's update of layer l, ``ΔW_l = s · diag(v_l) · B · diag(u_l) · A``, is a rank-r
-product, so it *is* a per-layer LoRA with::
+product, so it *is* a per-layer LoRA with (:func:`tiedlora.peft.delta.lora_factors`)::
 
     A_l = diag(u_l) · A          (r, d_in)      missing u_l: ones
     B_l = s · diag(v_l) · B      (d_out, r)     missing v_l: ones;  s = alpha / r
@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from tiedlora.files import staged_dir
+from tiedlora.peft.delta import lora_factors
 from tiedlora.config import ModelConfig
 from tiedlora.peft.config import PeftConfig
 
@@ -78,13 +79,8 @@ def per_layer_lora(tensors: Dict[str, torch.Tensor], cfg: PeftConfig, model_cfg:
                 if tuple(t.shape) != want:
                     raise ExportError(f"adapter tensor {key} has shape {tuple(t.shape)}; "
                                       f"{model_cfg.name} needs {want} at rank {cfg.rank}")
-            A, B = f["A"][1], cfg.scale * f["B"][1]
-            u = tensors.get(f"layers.{i}.{target}.u")
-            v = tensors.get(f"layers.{i}.{target}.v")
-            if u is not None:
-                A = u.float()[:, None] * A
-            if v is not None:
-                B = v.float()[:, None] * B
+            A, B = lora_factors(f["A"][1], f["B"][1], tensors.get(f"layers.{i}.{target}.u"),
+                                tensors.get(f"layers.{i}.{target}.v"), cfg.scale)
             out[(i, target)] = (A.contiguous(), B.contiguous())
     extra = sorted(k for k in tensors if k.startswith("layers.")
                    and int(k.split(".")[1]) >= model_cfg.num_layers)
@@ -182,13 +178,11 @@ def export_peft(adapter: os.PathLike | str, model_cfg: ModelConfig, output: os.P
 
 
 def main(argv: Optional[List[str]] = None) -> Path:
-    from tiedlora.merge import model_from_overrides, parse_args, resolve_adapter
+    from tiedlora.merge import parse_args, resolve_adapter
 
-    args = parse_args(argv, "python -m tiedlora.export",
-                      "Export a Tied-LoRA adapter as a Hugging Face PEFT LoRA adapter.",
-                      "new directory for adapter_config.json + adapter_model.safetensors",
-                      "examples:" + __doc__.split("Usage::", 1)[1])
-    model_cfg = model_from_overrides(args.overrides)
+    args, model_cfg = parse_args(argv, "python -m tiedlora.export",
+                                 "Export a Tied-LoRA adapter as a Hugging Face PEFT LoRA adapter.",
+                                 "new directory for adapter_config.json + adapter_model.safetensors", __doc__)
     out = export_peft(args.adapter, model_cfg, args.output)
     print(f"[tiedlora] exported {resolve_adapter(args.adapter)} as a PEFT LoRA adapter -> {out}")
     return out

@@ -39,23 +39,17 @@ from torch import nn
 from tiedlora import compat
 from tiedlora.config import ModelConfig, ParallelConfig
 from tiedlora.dist import barrier, is_rank0
+from tiedlora.peft.delta import delta_weight
 
 
 # ------------------------------------------------------------------------- the merge
-def delta_weight(adapter) -> torch.Tensor:
-    """This rank's shard of ΔW = s · diag(v) · B · diag(u) · A, in fp32.
+def adapter_delta(adapter) -> torch.Tensor:
+    """This rank's shard of ΔW (:func:`tiedlora.peft.delta.delta_weight`), in fp32.
 
     Column target: B (d_out/tp, r), v (d_out/tp,), A (r, d_in)   -> (d_out/tp, d_in)
     Row target:    B (d_out, r),    v (d_out,),    A (r, d_in/tp) -> (d_out, d_in/tp)
     """
-    A = adapter.factor("A").detach().float()
-    B = adapter.factor("B").detach().float()
-    if adapter.u is not None:
-        A = adapter.u.detach().float()[:, None] * A
-    B = adapter.scale * B
-    if adapter.v is not None:
-        B = adapter.v.detach().float()[:, None] * B
-    return B @ A
+    return delta_weight(adapter.factor("A"), adapter.factor("B"), adapter.u, adapter.v, adapter.scale)
 
 
 @torch.no_grad()
@@ -74,7 +68,7 @@ def merge_adapters_(chunks: List[nn.Module] | nn.Module) -> List[str]:
         wrapped = [(n, m) for n, m in chunk.named_modules() if isinstance(m, AdaptedLinear)]
         for name, mod in wrapped:
             weight = mod.base.weight
-            delta = delta_weight(mod.adapter)
+            delta = adapter_delta(mod.adapter)
             if tuple(delta.shape) != tuple(weight.shape):
                 raise RuntimeError(f"{name}: ΔW shard {tuple(delta.shape)} != weight shard {tuple(weight.shape)}")
             weight.add_(delta.to(weight.device, weight.dtype))
@@ -167,8 +161,12 @@ def model_from_overrides(overrides: List[str]) -> ModelConfig:
     return to_object(compose("params", overrides)).model
 
 
-def parse_args(argv: Optional[List[str]], prog: str, description: str, output_help: str, epilog: str):
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+def parse_args(argv: Optional[List[str]], prog: str, description: str, output_help: str, doc: str):
+    """``--adapter``, ``--output`` and model overrides of an adapter command (merge, export);
+    ``doc``: the module docstring, whose ``Usage::`` part becomes the help's examples.
+    Returns (arguments, the ModelConfig the overrides compose)."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                epilog="examples:" + doc.split("Usage::", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True,
                    help="adapter.safetensors, a checkpoint directory holding one, or a run's "
@@ -179,18 +177,16 @@ def parse_args(argv: Optional[List[str]], prog: str, description: str, output_he
     args = p.parse_args(argv)
     if not any(o.split("=")[0] == "model.checkpoint" for o in args.overrides):
         p.error("model.checkpoint=<path> is required")
-    return args
+    return args, model_from_overrides(args.overrides)
 
 
 def main(argv: Optional[List[str]] = None) -> Path:
     from tiedlora.convert import checkpoint_format, model_config_from_checkpoint
     from tiedlora.dist import init_distributed, shutdown
 
-    args = parse_args(argv, "python -m tiedlora.merge",
-                      "Fold a Tied-LoRA adapter into its base model (same format out).",
-                      "merged .nemo file (NeMo base) or new directory (Hugging Face base)",
-                      "examples:" + __doc__.split("Usage::", 1)[1])
-    model_cfg = model_from_overrides(args.overrides)
+    args, model_cfg = parse_args(argv, "python -m tiedlora.merge",
+                                 "Fold a Tied-LoRA adapter into its base model (same format out).",
+                                 "merged .nemo file (NeMo base) or new directory (Hugging Face base)", __doc__)
     checkpoint_format(model_cfg.checkpoint)  # fail early on a bad path
     if not any(o.startswith("model.params_dtype=") for o in args.overrides):
         # merge in the checkpoint's own precision: untouched tensors stay bit-exact
