@@ -40,7 +40,7 @@ def setup(tmp_path_factory, mp1):
     from tiedlora.data.tokenizers import train_sentencepiece
     from tiedlora.dist import set_seed
     from tiedlora.models.gpt import build_gpt_model
-    from tiedlora.models.io import save_base
+    from tiedlora.convert.base_file import save_base
 
     d = tmp_path_factory.mktemp("resume")
     train_sentencepiece(pretraining_corpus(1000), d / "tok", 400)

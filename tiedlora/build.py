@@ -65,7 +65,7 @@ def load_tokenizer(path, model_cfg: ModelConfig):
 def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, parallel: ParallelConfig, weights) -> List[nn.Module]:
     """Model chunks of this rank: base weights loaded, then adapters applied."""
     from tiedlora.models.gpt import build_model_chunks
-    from tiedlora.models.io import load_base
+    from tiedlora.convert.base_file import load_base
     from tiedlora.peft import apply_peft
 
     chunks = build_model_chunks(model_cfg, parallel)

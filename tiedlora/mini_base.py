@@ -179,7 +179,7 @@ def build(model_cfg, settings: PretrainSettings = SETTINGS, out: Path = ASSETS) 
     from tiedlora.dist import init_distributed, shutdown
     from tiedlora.config import ParallelConfig
     from tiedlora.models.gpt import build_gpt_model
-    from tiedlora.models.io import save_base
+    from tiedlora.convert.base_file import save_base
 
     final = Path(out).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)

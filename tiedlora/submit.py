@@ -10,9 +10,9 @@ Usage::
     # a sweep of 4 runs as one job array on the one-node test cluster (.ci/slurm/start.sh)
     python -m tiedlora.submit launcher=local --sweep-dir runs/demo peft=lora,tl6 peft.rank=2,8
     # recipe files (Hydra primary configs), each crossed with the sweep overrides
-    python -m tiedlora.submit launcher=ngc_h100 --sweep-dir runs/gpt2b 'recipes/gpt2b_001/*.yaml'
+    python -m tiedlora.submit launcher=ngc --sweep-dir runs/gpt2b 'recipes/gpt2b_001/squad/*.yaml'
     # write the scripts and list the jobs without submitting; then submit for real with --eval
-    python -m tiedlora.submit --dry-run launcher=ngc_h100 task=squad,xsum peft=lora,tl6 peft.rank=8
+    python -m tiedlora.submit --dry-run launcher=ngc task=squad,dialogsum peft=lora,tl6 peft.rank=8
     # what is queued, running, done (squeue/sacct) and which results.json exist
     python -m tiedlora.submit status runs/demo
 

@@ -9,8 +9,11 @@ The training recipe calls three functions, all dispatching on the checkpoint pat
 
 A ``.nemo`` tar file, or a folder holding ``model_config.yaml``, is read by
 :mod:`tiedlora.convert.nemo`; a folder holding ``config.json`` by
-:mod:`tiedlora.convert.hf_llama`. Both map their keys onto the layout-independent names of
-:mod:`tiedlora.convert.layout`, which slices every tensor for this rank.
+:mod:`tiedlora.convert.hf_llama` (:func:`converter` picks the module; both offer the same
+four functions). Both map their keys onto the layout-independent names of
+:mod:`tiedlora.convert.layout`, which slices every tensor for this rank. Our own
+layout-independent safetensors file (``tiedlora-base/1``, the cached mini base) is
+:mod:`tiedlora.convert.base_file`.
 """
 
 from __future__ import annotations
