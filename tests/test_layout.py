@@ -21,7 +21,7 @@ PKG = ROOT / "tiedlora"
 # prefix that names it. A module may import its own layer or any layer below, never above.
 LAYERS = [
     ("util", ["tiedlora.files", "tiedlora.compat", "tiedlora.sharding", "tiedlora.metrics",
-              "tiedlora.report", "tiedlora.recipes", "tiedlora.launch"]),
+              "tiedlora.recipes", "tiedlora.launch"]),
     ("data", ["tiedlora.data", "tiedlora.prepare_data"]),
     ("config", ["tiedlora.config", "tiedlora.peft.config"]),
     ("parallel", ["tiedlora.dist"]),
@@ -30,7 +30,7 @@ LAYERS = [
                     "tiedlora.mini_base"]),
     ("assembly", ["tiedlora.build", "tiedlora.evaluate"]),
     ("commands", ["tiedlora.finetune", "tiedlora.params", "tiedlora.merge", "tiedlora.export",
-                  "tiedlora.submit", "tiedlora.integrations"]),
+                  "tiedlora.submit", "tiedlora.report", "tiedlora.integrations"]),
 ]
 
 
