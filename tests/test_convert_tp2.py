@@ -7,10 +7,8 @@ the TP=1 results computed in this process.
 """
 
 import dataclasses
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from convert_fixtures import (  # noqa: E402
     nemo_reference_logits,
     nemo_tp_shards,
     nemo_weights,
+    read_nemo_weights,
     token_ids,
     train_tokenizer,
     write_nemo,
@@ -49,11 +48,6 @@ pytestmark = pytest.mark.numerics  # tests/numerics.py; run under other CPU kern
 RANK = 8  # the tl6 preset's rank
 MERGED_WEIGHT_TERMS = RANK + 5
 VOCAB = 120  # SentencePiece pieces of the .nemo tokenizer (the HF models have 200 ids)
-
-
-def _nemo_weights_of(path: Path) -> dict:
-    with tarfile.open(path) as tar:
-        return torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()), weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +138,7 @@ def test_tp2_adapted_and_merged_logits(runs, job):
 def test_merged_checkpoint_is_layout_independent(runs, job, layout):
     tp1, other = Path(runs["merged_tp1"][job]), Path(runs["merges"][job][layout])
     if job.startswith("nemo"):
-        a, b = _nemo_weights_of(tp1), _nemo_weights_of(other)
+        a, b = read_nemo_weights(tp1), read_nemo_weights(other)
     else:
         a, b = load_file(str(tp1 / "model.safetensors")), load_file(str(other / "model.safetensors"))
     assert set(a) == set(b)

@@ -6,7 +6,6 @@ each must reproduce our adapted model's logits. TP=2 merges: tests/test_convert_
 """
 
 import dataclasses
-import io
 import json
 import sys
 import tarfile
@@ -26,6 +25,7 @@ from convert_fixtures import (  # noqa: E402
     nemo_config,
     nemo_reference_logits,
     nemo_weights,
+    read_nemo_weights,
     token_ids,
     train_tokenizer,
     write_nemo,
@@ -161,9 +161,9 @@ def test_merge_nemo_matches_adapted_model(mp1, nemo_file, tmp_path):
     ids = token_ids(vocab)
     ours = megatron_logits(model, ids, vocab)
     out = merge_checkpoint(save(model, peft_cfg, cfg, tmp_path / "a.safetensors"), cfg, tmp_path / "merged.nemo")
+    merged_sd = read_nemo_weights(out)
     with tarfile.open(out) as tar:
         names = {m.name for m in tar.getmembers()}
-        merged_sd = torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()), weights_only=True)
         tok = tar.extractfile(f"./{TOKENIZER_NAME}").read()
     assert names == {"./model_config.yaml", "./model_weights.ckpt", f"./{TOKENIZER_NAME}"}
     assert tok == Path(path.parent / "tok.model").read_bytes()
@@ -192,8 +192,7 @@ def test_merge_nemo_swiglu_halves(mp1, tmp_path):
     ids = token_ids(cfg.vocab_size)
     ours = megatron_logits(model, ids, cfg.vocab_size)
     out = merge_checkpoint(save(model, peft_cfg, cfg, tmp_path / "a.safetensors"), cfg, tmp_path / "m.nemo")
-    with tarfile.open(out) as tar:
-        sd = torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()), weights_only=True)
+    sd = read_nemo_weights(out)
     assert PREFIX + "encoder.layers.0.mlp.dense_h_to_4h_2.weight" in sd
     assert_close(nemo_reference_logits(sd, ycfg, ids)[..., :cfg.vocab_size], ours, logits_terms(cfg, ids),
                  "merged swiglu .nemo logits")

@@ -177,6 +177,12 @@ def write_nemo(path: Path, cfg: dict, weights, tokenizer: Optional[Path],
 
 
 # ------------------------------------------------------------------------ NeMo oracle
+def read_nemo_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """The state dict of a TP=1 ``.nemo`` tar (what ``tiedlora.merge`` writes)."""
+    with tarfile.open(path) as tar:
+        return torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()), weights_only=True)
+
+
 def _rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat([-b, a], dim=-1)
