@@ -335,7 +335,8 @@ def test_prepare_then_finetune_and_evaluate_all_five_tasks(tiny_base, tmp_path):
         assert res.returncode == 0, res.stderr
     # the paper's GPT-2B-001 sweep itself, its task axis kept; model, preset, rank and sizes made tiny
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "tiedlora.finetune", "-m", "+sweep=paper_gpt2b_001", *tiny_base_args(tiny_base),
+    cmd = [sys.executable, "-m", "tiedlora.finetune", "-m", "--config-dir", "recipes/gpt2b_001", "--config-name", "grid",
+           *tiny_base_args(tiny_base),
            "peft=tl6", "peft.rank=8", f"task.data_dir={data}/${{task.name}}", "task.max_length=64",
            "task.max_new_tokens=4", "trainer.max_steps=2", "trainer.global_batch_size=4",
            "trainer.micro_batch_size=2", "trainer.val_check_interval=2", "eval.limit=3", "eval.batch_size=4",

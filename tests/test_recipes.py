@@ -1,8 +1,8 @@
-"""The paper's recipe grid (recipes/, conf/sweep/): generated files in sync with
+"""The paper's recipe grid (recipes/ only): generated files in sync with
 tiedlora/recipes.py; every recipe composes with Hydra and validates, with the paper's
 settings (docs/design.md, 'Training settings of the paper'), the model / task / preset /
-rank its path names and a layout that fits one 8-GPU node; the multirun sweeps express
-the same grid.
+rank its path names and a layout that fits one 8-GPU node; each model's grid.yaml
+multirun expresses the same grid.
 """
 
 import dataclasses
@@ -128,12 +128,13 @@ def test_drift_check_catches_edits_missing_and_stale_files(tmp_path):
     edited.write_text(edited.read_text().replace("rank: 8", "rank: 16"))
     (tmp_path / "recipes/llama2_7b/gsm8k/vera_r2.yaml").unlink()
     (tmp_path / "recipes/llama2_7b/gsm8k/tl9_r2.yaml").write_text("# old\n")
+    (tmp_path / "recipes/llama2_7b/grid_old.yaml").write_text("# old\n")
     (tmp_path / "conf/sweep/paper_settings.yaml").write_text(
         (ROOT / "conf/sweep/paper_settings.yaml").read_text().replace("lr: 1.0e-4", "lr: 2.0e-4"))
     assert gen.drift(tmp_path) == [
         "recipes/README.md", "recipes/gpt2b_001/squad/tl6_r8.yaml", "recipes/llama2_7b/gsm8k/vera_r2.yaml",
-        "recipes/llama2_7b/gsm8k/tl9_r2.yaml (stale)"]
-    assert gen.write(tmp_path) == 4 and gen.drift(tmp_path) == []
+        "recipes/llama2_7b/grid_old.yaml (stale)", "recipes/llama2_7b/gsm8k/tl9_r2.yaml (stale)"]
+    assert gen.write(tmp_path) == 5 and gen.drift(tmp_path) == []
     assert not (tmp_path / "recipes/llama2_7b/gsm8k/tl9_r2.yaml").exists()
 
 
@@ -183,17 +184,17 @@ def test_missing_checkpoint_names_the_variable_and_key(monkeypatch):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_sweep_is_the_same_grid_as_the_recipes(model, monkeypatch):
+def test_grid_file_is_the_same_grid_as_the_recipes(model, monkeypatch):
     for k, v in CHECKPOINTS.items():
         monkeypatch.setenv(k, v)
-    cfg = _compose(str(CONF_DIR), "finetune", [f"+sweep=paper_{model}"], hydra_node=True)
+    cfg = _compose(str(ROOT / "recipes" / model), "grid", hydra_node=True)
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     points = {f"{model}/{t}/{p}_r{r}" for t, p, r in itertools.product(params["task"], params["peft"], params["peft.rank"])}
     assert set(params) == {"task", "peft", "peft.rank"}
     assert points == {rid for rid in GRID if rid.startswith(model + "/")}
     for task, preset, rank in (("hellaswag", "vera", 32), ("gsm8k", "tl4", 2)):  # one job == its recipe
-        job = _compose(str(CONF_DIR), "finetune", [f"+sweep=paper_{model}", f"task={task}", f"peft={preset}",
-                                                   f"peft.rank={rank}"])
+        job = _compose(str(ROOT / "recipes" / model), "grid", [f"task={task}", f"peft={preset}",
+                                                               f"peft.rank={rank}"])
         recipe = _compose(str(ROOT / "recipes" / model / task), f"{preset}_r{rank}")
         assert _as_dict(job) == _as_dict(recipe)
 
