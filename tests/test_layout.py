@@ -12,7 +12,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "tiedlora"
@@ -23,7 +22,7 @@ LAYERS = [
     ("util", ["tiedlora.files", "tiedlora.compat", "tiedlora.sharding", "tiedlora.metrics",
               "tiedlora.recipes", "tiedlora.launch"]),
     ("data", ["tiedlora.data", "tiedlora.prepare_data"]),
-    ("config", ["tiedlora.config", "tiedlora.peft.config"]),
+    ("config", ["tiedlora.config"]),
     ("parallel", ["tiedlora.dist"]),
     ("model", ["tiedlora.models", "tiedlora.peft", "tiedlora.generate"]),
     ("run pieces", ["tiedlora.convert", "tiedlora.checkpoint", "tiedlora.training", "tiedlora.tasks",

@@ -40,7 +40,7 @@ from tiedlora import compat
 from tiedlora.dist import ProcessGroups, is_rank0, process_groups
 
 from tiedlora.files import atomic_write, atomic_write_text, staged_dir
-from tiedlora.peft.config import FACTORS, PeftConfig
+from tiedlora.config import FACTORS, PeftConfig
 from tiedlora.peft.model import adapter_state_dict, load_adapter_state_dict, trainable_params
 from tiedlora.sharding import gather_full, shard
 

@@ -40,7 +40,7 @@ import torch
 from tiedlora.files import staged_dir
 from tiedlora.peft.delta import lora_factors
 from tiedlora.config import ModelConfig
-from tiedlora.peft.config import PeftConfig
+from tiedlora.config import PeftConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

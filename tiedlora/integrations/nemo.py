@@ -52,7 +52,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a subprocess test
 import torch
 from torch import nn
 
-from tiedlora.peft.config import FACTORS, PeftConfig
+from tiedlora.config import FACTORS, PeftConfig
 from tiedlora.peft.layer import TiedFactors, TiedLoRAAdapter
 from tiedlora.peft.model import (
     _base_mode,

@@ -1,6 +1,6 @@
 """Tied-LoRA adapters: config, layers on megatron-core, application to a GPTModel."""
 
-from tiedlora.peft.config import FACTORS, TARGETS, FactorConfig, PeftConfig
+from tiedlora.config import FACTORS, TARGETS, FactorConfig, PeftConfig
 from tiedlora.peft.grads import finalize_adapter_grads
 from tiedlora.peft.layer import AdaptedLinear, TiedFactors, TiedLoRAAdapter
 from tiedlora.peft.model import (

@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from tiedlora.peft.config import FACTORS, PeftConfig
+from tiedlora.config import FACTORS, PeftConfig
 from tiedlora.peft.layer import AdaptedLinear, TiedFactors, TiedLoRAAdapter
 from tiedlora.sharding import gather_full, shard, shard_spec
 
