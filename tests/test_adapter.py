@@ -81,6 +81,22 @@ def test_tied_factors_one_storage_one_key(mp1, name):
     assert len(names) == len(set(names))
 
 
+def test_records_describe_every_adapter_tensor(mp1):
+    """What the optimizer, gradient sync and clipping read: factor, tied, shard dim, and the
+    tensor-parallel group, which is the run's (dist.process_groups) on every adapter."""
+    from tiedlora.dist import process_groups
+
+    model = build(preset("tl6", target_modules=TARGETS))
+    recs = list(iter_adapter_params(model))
+    assert {(r.factor, r.tied) for r in recs} == {("A", True), ("B", True), ("u", False), ("v", False)}
+    assert {r.shard_dim for r in recs if r.factor == "B"} == {None, 0}  # row (replicated), column (rows)
+    for r in recs:
+        assert r.name.endswith("." + r.factor) and r.name.startswith("tied." if r.tied else "layers.")
+        assert (r.shard_dim, r.stride) == ((r.param.partition_dim, r.param.partition_stride)
+                                           if getattr(r.param, "tensor_model_parallel", False) else (None, 1))
+    assert all(m.adapter.tp_group is process_groups().tp for m in _targets(model))
+
+
 def test_lora_factors_are_per_layer(mp1):
     model = build(preset("lora", target_modules=TARGETS))
     assert not list(model.tied_adapters.parameters())
