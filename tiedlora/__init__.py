@@ -2,8 +2,12 @@
 
     h = W x + s · v ⊙ B(u ⊙ A x)     A, B shared across layers; u, v per layer
 
-Entry points (``python -m tiedlora.<command>``): ``params`` (parameter report),
-``finetune`` (training recipe), ``evaluate`` (evaluate a saved adapter).
+Entry points (``python -m tiedlora.<command>``): ``finetune`` (training recipe),
+``evaluate`` (evaluate a saved adapter), ``params`` (parameter report), ``merge`` (fold an
+adapter into its base), ``export`` (Hugging Face PEFT LoRA), ``report`` (tables and
+figures of finished runs), ``submit`` (Slurm), ``prepare_data`` (the paper's datasets),
+``recipes`` (regenerate recipes/), ``mini_base`` (the embedded CPU base model).
+The package's layers and owners: docs/architecture.md.
 """
 
 import warnings as _warnings
