@@ -19,8 +19,8 @@ PKG = ROOT / "tiedlora"
 # docs/architecture.md, "Layers": bottom to top. A module belongs to the layer of the longest
 # prefix that names it. A module may import its own layer or any layer below, never above.
 LAYERS = [
-    ("util", ["tiedlora.files", "tiedlora.compat", "tiedlora.sharding", "tiedlora.metrics",
-              "tiedlora.recipes", "tiedlora.launch"]),
+    ("util", ["tiedlora.files", "tiedlora.compat", "tiedlora.mcore_version", "tiedlora.sharding",
+              "tiedlora.metrics", "tiedlora.recipes", "tiedlora.launch"]),
     ("data", ["tiedlora.data", "tiedlora.prepare_data"]),
     ("config", ["tiedlora.config"]),
     ("parallel", ["tiedlora.dist"]),
