@@ -179,7 +179,8 @@ def compare_attention(args) -> dict:
     from tiedlora.config import compose, to_object
     from tiedlora.dist import init_distributed, set_seed, shutdown
     from tiedlora.models.attention import te_available
-    from tiedlora.models.gpt import ParallelConfig, build_gpt_model
+    from tiedlora.config import ParallelConfig
+    from tiedlora.models.gpt import build_gpt_model
     from tiedlora.peft import adapter_parameters, adapter_state_dict, apply_peft, load_adapter_state_dict
 
     owns_process_group = not torch.distributed.is_initialized()

@@ -108,7 +108,8 @@ def _ours_step(spec: dict):
     sys.path.insert(0, str(ROOT))
     from tiedlora.config import compose, to_object
     from tiedlora.dist import init_distributed, set_seed
-    from tiedlora.models.gpt import ModelConfig, ParallelConfig, build_gpt_model
+    from tiedlora.config import ModelConfig, ParallelConfig
+    from tiedlora.models.gpt import build_gpt_model
     from tiedlora.peft import adapter_parameters, apply_peft
 
     m = spec["model"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers import ALL_TARGETS, batch, build, perturb, preset, targets_override, tiny_model_cfg
-from tiedlora.models.gpt import ModelConfig, ParallelConfig, build_gpt_model, transformer_config
+from tiedlora.config import ModelConfig, ParallelConfig
+from tiedlora.models.gpt import build_gpt_model, transformer_config
 from tiedlora.peft import adapter_parameters
 
 # fp32, tiny model: the fused kernel and baddbmm+softmax differ only in summation order
