@@ -102,8 +102,8 @@ def test_prepare_data_reads_bom_led_source_files(tmp_path, suffix):
 
 # -------------------------------------------------------------------------- tokenizers
 def test_tokenizer_larger_than_vocab_size_is_refused_naming_both_sizes(spm):
-    from tiedlora.finetune import load_tokenizer
-    from tiedlora.models.gpt import ModelConfig
+    from tiedlora.build import load_tokenizer
+    from tiedlora.config import ModelConfig
 
     small = ModelConfig(name="small", vocab_size=SPM_VOCAB - 10)  # padded to 384: the ids would fit
     assert small.padded_vocab_size() >= SPM_VOCAB
@@ -136,8 +136,8 @@ def test_hf_folder_without_tokenizer_says_how_to_fix_it(tmp_path):
 
 
 def test_tokenizer_folder_without_tokenizer_files_is_refused(tmp_path):
-    from tiedlora.finetune import load_tokenizer
-    from tiedlora.models.gpt import ModelConfig
+    from tiedlora.build import load_tokenizer
+    from tiedlora.config import ModelConfig
 
     with pytest.raises(FileNotFoundError, match=r"holds no tokenizer.json.*set model.tokenizer="):
         load_tokenizer(tmp_path, ModelConfig())
@@ -180,7 +180,7 @@ def test_adapter_that_is_not_safetensors_names_the_file(tmp_path):
     import torch
 
     from tiedlora.checkpoint import CheckpointError, load_adapter, save_adapter
-    from tiedlora.peft.config import PeftConfig
+    from tiedlora.config import PeftConfig
 
     good = save_adapter(tmp_path / "adapter.safetensors", {"tied.linear_qkv.A": torch.ones(8, 64)}, PeftConfig())
     assert load_adapter(good)[1].rank == PeftConfig().rank
@@ -191,8 +191,8 @@ def test_adapter_that_is_not_safetensors_names_the_file(tmp_path):
 
 def test_base_weights_that_are_not_safetensors_name_the_file(tmp_path):
     from tiedlora.convert import CheckpointFormatError
-    from tiedlora.models.gpt import ModelConfig
-    from tiedlora.models.io import FORMAT, load_base
+    from tiedlora.config import ModelConfig
+    from tiedlora.convert.base_file import FORMAT, load_base
 
     bad = tmp_path / "base.safetensors"
     bad.write_text("not weights")
@@ -355,7 +355,7 @@ def test_evaluate_checks_data_before_the_base_weights(tmp_path, monkeypatch, cap
     import torch
 
     from tiedlora.checkpoint import save_adapter
-    from tiedlora.peft.config import PeftConfig
+    from tiedlora.config import PeftConfig
 
     adapter = save_adapter(tmp_path / "adapter.safetensors", {"tied.linear_qkv.A": torch.ones(8, 64)}, PeftConfig())
     data = task_dir(tmp_path / "data")

@@ -19,17 +19,18 @@ PKG = ROOT / "tiedlora"
 # docs/architecture.md, "Layers": bottom to top. A module belongs to the layer of the longest
 # prefix that names it. A module may import its own layer or any layer below, never above.
 LAYERS = [
-    ("util", ["tiedlora.files", "tiedlora.compat", "tiedlora.mcore_version", "tiedlora.sharding",
-              "tiedlora.metrics", "tiedlora.recipes", "tiedlora.launch"]),
-    ("data", ["tiedlora.data", "tiedlora.prepare_data"]),
-    ("config", ["tiedlora.config"]),
+    ("util", ["tiedlora.files", "tiedlora.errors", "tiedlora.compat", "tiedlora.mcore_version",
+              "tiedlora.sharding", "tiedlora.metrics", "tiedlora.launch"]),
+    ("data", ["tiedlora.data"]),
+    ("config", ["tiedlora.config", "tiedlora.cli"]),
     ("parallel", ["tiedlora.dist"]),
     ("model", ["tiedlora.models", "tiedlora.peft", "tiedlora.generate"]),
     ("run pieces", ["tiedlora.convert", "tiedlora.checkpoint", "tiedlora.training", "tiedlora.tasks",
                     "tiedlora.mini_base"]),
     ("assembly", ["tiedlora.build", "tiedlora.evaluate"]),
     ("commands", ["tiedlora.finetune", "tiedlora.params", "tiedlora.merge", "tiedlora.export",
-                  "tiedlora.submit", "tiedlora.report", "tiedlora.integrations"]),
+                  "tiedlora.submit", "tiedlora.report", "tiedlora.recipes", "tiedlora.prepare_data",
+                  "tiedlora.integrations"]),
 ]
 
 

@@ -47,20 +47,13 @@ import os
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
+from tiedlora.errors import MissingPackageError, UserError
+
 __all__ = ["EXIT_USER_ERROR", "MissingPackageError", "UserError", "describe", "hydra_main",
            "is_user_error", "report_user_error", "run"]
 
 EXIT_USER_ERROR = 2  # the usual status for a usage error (argparse exits with it too)
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
-
-
-class UserError(Exception):
-    """A mistake in the user's input that the message alone explains (no traceback)."""
-
-
-class MissingPackageError(UserError, ImportError):
-    """An optional package that the user's choice needs is not installed (the message says
-    which extra to install)."""
 
 
 def _user_error_types() -> tuple:

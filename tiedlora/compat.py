@@ -11,7 +11,7 @@ It rebinds attributes of ``torch.cuda`` and of megatron-core modules for the who
 process, so it is never done behind a caller's back: every process calls :func:`install`
 once, explicitly, as the first step of its set-up (``tiedlora.finetune.setup``,
 ``tiedlora.evaluate.run_evaluation``, the ``main`` of ``params``/``merge``/``mini_base``,
-the test suite's ``conftest.py``, a NeMo script before building its model). Building a
+the test suite's ``conftest.py``, ``TiedLoRA(...)`` through ``tiedlora.integrations.nemo_compat``). Building a
 model or a process group without it on a CPU machine fails at once with that advice
 (:func:`require`) instead of deep inside megatron-core.
 

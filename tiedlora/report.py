@@ -422,7 +422,7 @@ def write_figures(cells: Dict[tuple, Cell], out: Path) -> List[Path]:
     try:
         import matplotlib
     except ImportError:
-        from tiedlora.cli import MissingPackageError
+        from tiedlora.errors import MissingPackageError
 
         raise MissingPackageError("figures need matplotlib: pip install 'tiedlora[report]' "
                                   "(or run with --no-figures)") from None

@@ -112,7 +112,7 @@ def test_export_to_hf_peft_equals_tiedlora_delta(flow):
 
     from tiedlora.checkpoint import load_adapter
     from tiedlora.convert.layout import split_qkv
-    from tiedlora.models.gpt import ModelConfig
+    from tiedlora.config import ModelConfig
 
     d = flow["dir"] / "whole"
     tensors, cfg, _ = load_adapter(d / f"adapter_end_{STEPS}.safetensors")

@@ -131,7 +131,7 @@ class HFTokenizer(Tokenizer):
         try:
             from transformers import AutoTokenizer
         except ImportError as e:  # pragma: no cover - exercised by a monkeypatched test
-            from tiedlora.cli import MissingPackageError
+            from tiedlora.errors import MissingPackageError
 
             raise MissingPackageError(
                 f"HFTokenizer({str(name_or_path)!r}) needs the 'transformers' package, "

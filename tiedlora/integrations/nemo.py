@@ -359,7 +359,7 @@ def model_config_from_nemo(config, vocab_size: int, name: str = "nemo"):
     """
     import torch.nn.functional as F
 
-    from tiedlora.models.gpt import ModelConfig
+    from tiedlora.config import ModelConfig
 
     gated = bool(getattr(config, "gated_linear_unit", False))
     act = getattr(config, "activation_func", None)
@@ -394,14 +394,14 @@ def export_peft(peft: "TiedLoRA", model: nn.Module, output, base_model_name_or_p
 
     import torch.distributed as dist
 
-    from tiedlora.dist import is_main
+    from tiedlora.dist import is_rank0
     from tiedlora.export import export_peft as _export
 
     chunk = mcore_chunks(model)[0]
     model_cfg = model_config_from_nemo(chunk.config, chunk.vocab_size)  # megatron GPTModel's vocab
     with tempfile.TemporaryDirectory() as tmp:
         adapter = peft.save_adapter(model, Path(tmp) / "adapter.safetensors")
-        if is_main():
+        if is_rank0():
             _export(adapter, model_cfg, output, base_model_name_or_path)
         if dist.is_initialized():
             dist.barrier()

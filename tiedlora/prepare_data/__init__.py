@@ -159,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from tiedlora.cli import UserError
+    from tiedlora.errors import UserError
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help") for a in argv):
