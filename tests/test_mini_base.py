@@ -67,7 +67,7 @@ def test_generator_still_produces_the_corpus_the_shipped_base_was_trained_on():
 
 
 def test_default_config_resolves_to_the_shipped_base_without_touching_the_cache(tmp_path, monkeypatch):
-    from tiedlora.finetune import load_tokenizer, resolve_base
+    from tiedlora.build import load_tokenizer, resolve_base
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("TIEDLORA_CACHE", str(cache))
@@ -93,9 +93,9 @@ def test_another_architecture_under_builtin_mini_is_refused():
 def test_shipped_base_predicts_held_out_corpus_text(mp1):
     """Weights, tokenizer and loader agree: unseen corpus text scores near the final training loss."""
     from tiedlora.data.mini_tasks import pretraining_corpus
-    from tiedlora.finetune import load_tokenizer
+    from tiedlora.build import load_tokenizer
     from tiedlora.models.gpt import build_gpt_model
-    from tiedlora.models.io import load_base
+    from tiedlora.convert.base_file import load_base
 
     cfg = _mini_cfg()
     weights, tok_path = mini_base.shipped(cfg)
