@@ -261,7 +261,7 @@ def assert_one_message(status, err, *needles):
     ("tiedlora.params", ["model.hidden_sise=8"], ["hidden_sise"]),
     ("tiedlora.submit", ["--dry-run", "peft=[lora"], ["cannot parse the override 'peft=[lora'"]),
     ("tiedlora.submit", ["--dry-run", "peft=lora,nope"], ["job 001-nope", "peft/nope"]),
-    ("tiedlora.mini_base", ["model.num_layers=[2"], ["cannot parse the override 'model.num_layers=[2'"]),
+    ("tiedlora.mini_base", ["--check", "--out", "/nonexistent/dir"], ["/nonexistent/dir/info.json: missing"]),
     ("tiedlora.merge", ["--adapter", "/nonexistent/a", "--output", "OUT", "model.checkpoint=/nonexistent/c"],
      ["/nonexistent/c"]),
     ("tiedlora.export", ["--adapter", "/nonexistent/a", "--output", "OUT", "model.checkpoint=/c", "peft=lora"],
@@ -296,6 +296,11 @@ def test_evaluate_names_an_unreadable_run_config(tmp_path, monkeypatch, capsys):
 
 
 def test_only_rank_0_prints_and_every_rank_exits_non_zero(monkeypatch, capsys):
+    import torch.distributed
+
+    # a mistake found before the process group exists: the rank comes from torchrun's
+    # environment (other tests in this process may have set up a one-process group)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     for rank, expect in (("0", 1), ("1", 0)):
         status, err = run_main("tiedlora.params", "peft.rank=0", env={"RANK": rank, "WORLD_SIZE": "2"},
                                monkeypatch=monkeypatch, capsys=capsys)

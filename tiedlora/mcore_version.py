@@ -38,6 +38,8 @@ def check_gated_fc1_stride(model) -> None:
         if not name.endswith("mlp.linear_fc1.weight"):
             continue
         stride = getattr(param, "partition_stride", None)
+        if stride is None:
+            return  # built without initialisation (meta device): megatron sets no TP attributes
         if stride != 2:
             raise RuntimeError(
                 f"megatron-core {megatron_core_version()} builds SwiGLU's {name} with "
