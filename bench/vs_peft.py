@@ -219,6 +219,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.worker:
+        from tiedlora import compat
+
+        compat.install()  # once, at the start of each worker process
         print(json.dumps(worker(json.loads(a.worker))), flush=True)
         return {}
     import torch
