@@ -49,17 +49,28 @@ def make_step(kind: str, model_cfg: ModelConfig, peft_name: str | None, rank: in
     if kind == "full":
         params = list(model.parameters())
     elif kind == "floor":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        # make the embedding output a leaf that needs a gradient: the backward pass then runs
-        # through every layer (activation gradients) without any weight gradient
-        model.embedding.register_forward_hook(lambda m, i, o: o.detach().requires_grad_(True))
-        params = []
+        params = freeze_to_floor(model)
     else:
         cfg = to_object(compose("params", [f"peft={peft_name}", f"peft.rank={rank}",
                                            f"peft.target_modules=[{targets}]"])).peft
         apply_peft(model, cfg)
         params = list(adapter_parameters(model).values())
+    return training_step(model, params, x, pos, y)
+
+
+def freeze_to_floor(model) -> list:
+    """Freeze every weight for the frozen-base floor; returns the (empty) trainable list.
+
+    The embedding output becomes a leaf that needs a gradient, so the backward pass still runs
+    through every layer (activation gradients) without any weight gradient."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.embedding.register_forward_hook(lambda m, i, o: o.detach().requires_grad_(True))
+    return []
+
+
+def training_step(model, params: list, x, pos, y):
+    """(one AdamW training step over ``params`` as a closure, number of trainable values)."""
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step():

@@ -111,6 +111,7 @@ def _ours_step(spec: dict):
     from tiedlora.config import ModelConfig, ParallelConfig
     from tiedlora.models.gpt import build_gpt_model
     from tiedlora.peft import adapter_parameters, apply_peft
+    from step_time import freeze_to_floor, training_step  # bench/ is this script's folder
 
     m = spec["model"]
     cfg = ModelConfig(name="llama_like", num_layers=m["layers"], hidden_size=m["hidden"],
@@ -122,30 +123,18 @@ def _ours_step(spec: dict):
     model = build_gpt_model(cfg)
     method = spec["method"]
     if method == "ours-floor":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.embedding.register_forward_hook(lambda mod, i, o: o.detach().requires_grad_(True))
-        params = []
+        params = freeze_to_floor(model)
     else:
         pc = to_object(compose("params", [f"peft={method}", f"peft.rank={spec['rank']}",
                                           "peft.target_modules=[linear_qkv]", "peft.dropout=0.0"])).peft
         apply_peft(model, pc)
         params = list(adapter_parameters(model).values())
     model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, m["vocab"], (spec["batch"], spec["seq"] + 1), generator=g)
     x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     pos = torch.arange(spec["seq"]).unsqueeze(0).expand(spec["batch"], -1)
-
-    def step():
-        loss = model(x, pos, None, labels=y).mean()
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    return step, sum(p.numel() for p in params)
+    return training_step(model, params, x, pos, y)
 
 
 def worker(spec: dict) -> dict:
