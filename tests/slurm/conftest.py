@@ -6,8 +6,6 @@ tiny base model (tokenizer + a few pretraining steps) that every job fine-tunes 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -41,21 +39,9 @@ def cluster():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, cluster):
     """A tiny pretrained base (tests/test_finetune.py's approach, fewer steps) and the jobs' env."""
-    from helpers import tiny_model_cfg
+    from helpers import build_tiny_base, tiny_base_args
 
     d = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "TIEDLORA_CACHE": str(d / "cache"), "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    cfg = tiny_model_cfg(vocab_size=512)
-    base = d / "base"
-    code = ("import json, sys; from tiedlora import mini_base; from tiedlora.config import ModelConfig; "
-            "mini_base.build(ModelConfig(**json.loads(sys.argv[1])), "
-            "mini_base.PretrainSettings(**json.loads(sys.argv[2])), sys.argv[3])")
-    import dataclasses
-
-    subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg)), json.dumps(TINY_PRETRAIN),
-                    str(base)], env=env, check=True, capture_output=True, timeout=600)
-    os.environ["TIEDLORA_CACHE"] = env["TIEDLORA_CACHE"]
-    model = ["model=tiny", f"model.checkpoint={base / 'base.safetensors'}",
-             f"model.tokenizer={base / 'tokenizer.model'}"]
+    b = build_tiny_base(d, pretrain=TINY_PRETRAIN, extra_env={"PYTHONUNBUFFERED": "1"}, check_learned=False)
+    env, model = b["env"], tiny_base_args(b)
     return {"env": env, "dir": d, "model": model, "args": [*model, *TINY_TASK, *FAST]}
