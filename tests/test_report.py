@@ -144,3 +144,45 @@ def test_bad_results_file_is_named(tmp_path):
     (tmp_path / "x" / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="results.json: not a results.json file"):
         report.main([str(tmp_path)])
+
+
+def test_a_copied_sweep_folder_reports_the_same(sweep, tmp_path, monkeypatch):
+    """A sweep folder moved or copied (e.g. committed into a repository) keeps its manifest's
+    absolute output paths; the report finds the runs beside the manifest instead."""
+    import shutil
+
+    def no_slurm(ids):
+        raise FileNotFoundError("squeue")
+    monkeypatch.setattr(submit, "_squeue", no_slurm)
+    here = report.write_report(sweep, tmp_path / "here", figures=False)
+    moved = tmp_path / "elsewhere" / "sweep"
+    shutil.copytree(sweep, moved)
+    shutil.rmtree(sweep)
+    there = report.write_report(moved, tmp_path / "there", figures=False)
+    assert [(m.task, m.preset, m.rank, m.status) for m in there["missing"]] == \
+        [(m.task, m.preset, m.rank, m.status) for m in here["missing"]]
+    assert (tmp_path / "there" / f"{TASK}__{MODEL}.md").read_text() == \
+        (tmp_path / "here" / f"{TASK}__{MODEL}.md").read_text()
+
+
+def test_several_sweeps_make_one_report(tmp_path, capsys):
+    """An lr sweep and the grid that used its rates, given together: one set of tables with both
+    folders' runs and both manifests' missing jobs."""
+    lr, grid = tmp_path / "lr", tmp_path / "grid"
+    for root, runs in ((lr, [("tl6_r8_a", "tl6", 8, 1e-3, 1.2, 30.0), ("tl6_r8_b", "tl6", 8, 1e-2, 1.0, 40.0)]),
+                       (grid, [("tl6_r2", "tl6", 2, 1e-2, 1.3, 20.0), ("lora_r8", "lora", 8, 3e-3, 0.9, 50.0)])):
+        jobs = []
+        for name, preset, rank, rate, vl, rouge in runs:
+            _run(root, name, preset, rank, seed=1, lr=rate, rouge=rouge, val_loss=vl)
+            jobs.append({"index": len(jobs), "name": name, "output_dir": str(root / name),
+                         "overrides": [f"peft={preset}", f"peft.rank={rank}"]})
+        (root / "sweep.json").write_text(json.dumps({"jobs": jobs + [
+            {"index": len(jobs), "name": "lora_r2", "output_dir": str(root / "lora_r2"),
+             "overrides": ["peft=lora", "peft.rank=2"]}], "submissions": []}))
+    with pytest.raises(ValueError, match="--out"):
+        report.main([str(lr), str(grid)])
+    assert report.main([str(lr), str(grid), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
+    md = (tmp_path / "rep" / f"{TASK}__{MODEL}.md").read_text()
+    assert "| tl6 | 20.0" in md and "40.0" in md and "lr=0.01" in md and "| lora | — " in md
+    missing = (tmp_path / "rep" / "missing.csv").read_text().splitlines()
+    assert len([m for m in missing if ",lora,2," in m]) == 2, missing   # one per manifest

@@ -2,6 +2,7 @@
 
     python -m tiedlora.report runs/demo                    # table on stdout; files in runs/demo/report/
     python -m tiedlora.report runs/demo --out docs/results # files elsewhere
+    python -m tiedlora.report runs/lr runs/grid --out rep  # one report over several sweeps
     python -m tiedlora.report outputs/ --no-figures        # tables only (no matplotlib needed)
     python -m tiedlora.report outputs/ --json              # the runs as JSON on stdout, nothing written
 
@@ -21,7 +22,8 @@ Learning-rate selection: when a cell holds runs at several rates, the rate whose
 lowest mean best validation loss is reported (never the test metric), and the tables name it.
 Spread is half the range over seeds (max − min) / 2, shown when a cell has two or more seeds.
 
-Missing cells: with a ``sweep.json`` (written by ``python -m tiedlora.submit``) each planned job
+Missing cells: with a ``sweep.json`` (written by ``python -m tiedlora.submit``; every one at or
+below the folders given counts, and a sweep folder may have been moved or copied) each planned job
 without ``results.json`` is listed with its Slurm state when Slurm answers (failed, running,
 pending) or else with what its output folder shows (not started / started, no results); every
 combination of the tasks, models, presets and ranks seen that has no run at all is listed as
@@ -252,13 +254,23 @@ def _yaml_choices(path: Path) -> Dict[str, str]:
     return out
 
 
-def _job_identity(job: dict) -> Tuple[str, str, str, Optional[int]]:
+def _job_dir(job: dict, sweep_dir: Path) -> Path:
+    """A planned job's output folder: where the manifest says, or, when the sweep folder was
+    moved or copied (e.g. into a repository), the folder of that name beside the manifest."""
+    out = Path(job["output_dir"])
+    if out.exists():
+        return out
+    moved = sweep_dir / out.name
+    return moved if moved.exists() else out
+
+
+def _job_identity(job: dict, out: Path) -> Tuple[str, str, str, Optional[int]]:
     """(task, model, preset, rank) of a planned job, as Hydra would compose it: the config the job
-    wrote when it started, else its command-line overrides, else its recipe file, else the
-    defaults of conf/finetune.yaml."""
+    wrote when it started (in ``out``), else its command-line overrides, else its recipe file,
+    else the defaults of conf/finetune.yaml."""
     from tiedlora.config import CONF_DIR
 
-    cfg = _run_config(Path(job["output_dir"]))
+    cfg = _run_config(out)
     ov = job.get("overrides") or []
     files = {**_yaml_choices(CONF_DIR / "finetune.yaml"),
              **(_yaml_choices(Path(job["recipe"])) if job.get("recipe") else {})}
@@ -284,7 +296,7 @@ def _slurm_rows(sweep_dir: Path) -> Dict[int, dict]:
         return {}
 
 
-def _job_status(job: dict, slurm: Optional[dict]) -> str:
+def _job_status(job: dict, out: Path, slurm: Optional[dict]) -> str:
     state = ""
     if slurm is not None:
         if not slurm.get("train_id"):
@@ -299,7 +311,6 @@ def _job_status(job: dict, slurm: Optional[dict]) -> str:
         for s in LIVE_STATES:
             if s in state or s in ev:
                 return "running" if "RUNNING" in state or "RUNNING" in ev else f"queued ({(state or ev).lower()})"
-    out = Path(job["output_dir"])
     if not out.exists():
         return "not started"
     if (out / "results.json").is_file():
@@ -308,23 +319,27 @@ def _job_status(job: dict, slurm: Optional[dict]) -> str:
     return done + " (running, failed or preempted: see the job's log)"
 
 
-def find_missing(root: Path, rows: List[dict], cells: Dict[tuple, Cell]) -> List[Missing]:
+def find_missing(roots: Sequence[Path], rows: List[dict], cells: Dict[tuple, Cell]) -> List[Missing]:
+    """Cells without a result: planned jobs of every ``sweep.json`` at or below ``roots`` that have
+    no evaluated run, runs without metrics, and grid combinations never submitted."""
     missing: List[Missing] = []
     planned = set()
-    manifest = root / "sweep.json" if root.is_dir() else None
-    if manifest is not None and manifest.is_file():
+    manifests = sorted({m for root in roots if root.is_dir()
+                        for m in [root / "sweep.json", *root.rglob("sweep.json")] if m.is_file()})
+    for manifest in manifests:
         try:
             jobs = json.loads(manifest.read_text(encoding="utf-8"))["jobs"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{manifest}: not a sweep manifest ({e})") from None
-        slurm = _slurm_rows(root)
+        slurm = _slurm_rows(manifest.parent)
         for job in jobs:
-            ident = _job_identity(job)
+            out = _job_dir(job, manifest.parent)
+            ident = _job_identity(job, out)
             planned.add(ident)
-            res = Path(job["output_dir"]) / "results.json"
-            if res.is_file() and ident in cells and any(r["_path"] == str(res.parent) for r in cells[ident].runs):
+            if (out / "results.json").is_file() and ident in cells and any(
+                    Path(r["_path"]).resolve() == out.resolve() for r in cells[ident].runs):
                 continue
-            missing.append(Missing(*ident, status=_job_status(job, slurm.get(job["index"]) if slurm else None),
+            missing.append(Missing(*ident, status=_job_status(job, out, slurm.get(job["index"]) if slurm else None),
                                    where=job.get("name", job["output_dir"])))
     for r in rows:  # runs that trained but have no metrics
         if r.get("metrics") is None:
@@ -516,14 +531,16 @@ def write_figures(cells: Dict[tuple, Cell], out: Path) -> List[Path]:
 
 
 # ----------------------------------------------------------------------------- main
-def write_report(root: Path, out: Path, figures: bool = True) -> dict:
-    """Write the tables (and figures) for the runs below ``root`` into ``out``; return what was written."""
-    rows = load_results([root])
+def write_report(roots, out: Path, figures: bool = True) -> dict:
+    """Write the tables (and figures) for the runs below ``roots`` (one folder or several, e.g. a
+    learning-rate sweep and the grid that used its rates) into ``out``; return what was written."""
+    roots = [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
+    rows = load_results(roots)
     cells = build_cells(rows)
-    missing = find_missing(root, rows, cells)
+    missing = find_missing(roots, rows, cells)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    index = [f"# Report of {root}", ""]
+    index = [f"# Report of {', '.join(map(str, roots))}", ""]
     for (t, m), (md, text) in grid_tables(cells, missing).items():
         stem = f"{_slug(t)}__{_slug(m)}"
         atomic_write_text(out / f"{stem}.md", md)
@@ -564,15 +581,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not rows and not any((Path(f) / "sweep.json").is_file() for f in args.folders):
         return 0
     if len(args.folders) > 1 and args.out is None:
-        raise ValueError("several folders: name one --out folder for the report files")
-    for f in args.folders:
-        root = Path(f)
-        out = Path(args.out) if args.out else root / REPORT_DIR
-        res = write_report(root, out, figures=not args.no_figures)
-        n_missing = len(res["missing"])
-        print(f"\nreport: {len(res['written'])} files in {out} "
-              f"({len(res['cells'])} cells with results, {n_missing} missing"
-              + (f": see {out / 'missing.md'})" if n_missing else ")"))
+        raise ValueError("several folders make one report: name its folder with --out")
+    out = Path(args.out) if args.out else Path(args.folders[0]) / REPORT_DIR
+    res = write_report(args.folders, out, figures=not args.no_figures)
+    n_missing = len(res["missing"])
+    print(f"\nreport: {len(res['written'])} files in {out} "
+          f"({len(res['cells'])} cells with results, {n_missing} missing"
+          + (f": see {out / 'missing.md'})" if n_missing else ")"))
     return 0
 
 if __name__ == "__main__":
