@@ -310,7 +310,7 @@ def _job_status(job: dict, out: Path, slurm: Optional[dict]) -> str:
                 return f"failed in evaluation ({ev})"
         for s in LIVE_STATES:
             if s in state or s in ev:
-                return "running" if "RUNNING" in state or "RUNNING" in ev else f"queued ({(state or ev).lower()})"
+                return "running" if "RUNNING" in state or "RUNNING" in ev else f"queued: {state or ev}"
     if not out.exists():
         return "not started"
     if (out / "results.json").is_file():

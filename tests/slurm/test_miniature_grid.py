@@ -1,0 +1,47 @@
+"""launch/miniature_grid.py end to end on the one-node Slurm: the lr phase, the rate chosen per
+(task, preset) on validation loss, the grid at that rate (reusing the lr phase's run), the report."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, TINY_TASK
+from slurm_util import ROOT
+
+pytestmark = pytest.mark.slurm
+
+
+def test_miniature_grid_lr_phase_grid_and_report(tiny, tmp_path):
+    root = tmp_path / "grid"
+    overrides = [*tiny["model"], *[a for a in TINY_TASK if not a.startswith("task=")], *FAST,
+                 "trainer.max_steps=3"]
+    res = subprocess.run([sys.executable, "launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa",
+                          "--presets", "lora,tl6", "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8",
+                          "--lrs", "1e-3,1e-2", "--", *overrides],
+                         cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    out = res.stdout
+    assert "[4/4] report" in out and " lora: lr " in out and " tl6: lr " in out, out
+    # the lr phase ran both rates at rank 4, seed 7; the grid the other rank at both seeds, and
+    # rank 4 only at the second seed (the first is the lr phase's run)
+    assert len(list((root / "lr").glob("*/results.json"))) == 4
+    for preset in ("lora", "tl6"):
+        assert len(list((root / "grid" / f"mini_qa-{preset}").glob("*/results.json"))) == 2
+        assert len(list((root / "grid" / f"mini_qa-{preset}-r4").glob("*/results.json"))) == 1
+    rows = list(csv.DictReader((root / "report" / "mini_qa__tiny.csv").open()))
+    cells = {(r["preset"], r["rank"]): r for r in rows}
+    assert set(cells) == {("lora", "2"), ("lora", "4"), ("tl6", "2"), ("tl6", "4")}, rows
+    assert all(r["seeds"] == "2" and r["mean"] for r in rows), rows
+    missing = list(csv.DictReader((root / "report" / "missing.csv").open()))
+    assert missing == [], missing
+    assert list((root / "report").glob("*.png"))
+    # a rerun submits nothing again: every phase's sweep.json exists
+    again = subprocess.run([sys.executable, "launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa",
+                            "--presets", "lora,tl6", "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8",
+                            "--lrs", "1e-3,1e-2", "--", *overrides],
+                           cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("submitted before, not again") >= 3, again.stdout
