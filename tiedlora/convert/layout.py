@@ -160,9 +160,23 @@ def _layer_offsets(chunk: nn.Module) -> Dict[int, int]:
     return {j: layer.layer_number - 1 for j, layer in enumerate(layers)}
 
 
+# transformer-engine's layer spec fuses each pre-norm into the linear after it and names its
+# weights there (model.attention_backend=te); the canonical names are the local spec's
+_TE_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
 def canonical_name(name: str, offsets: Dict[int, int]) -> str:
-    """A chunk's parameter name -> canonical name (global layer, no ``.base``)."""
+    """A chunk's parameter name -> canonical name (global layer, no ``.base``, TE's fused
+    norms under the local spec's names)."""
     name = name.replace(".base.", ".")
+    for te, local in _TE_NORMS.items():
+        if name.endswith("." + te):
+            name = name[: -len(te)] + local
     m = _LAYER.match(name)
     if m:
         name = f"decoder.layers.{offsets[int(m.group(1))]}." + name[m.end():]
