@@ -193,7 +193,8 @@ class TiedLoRA(PEFT):
     preset: Optional[str] = "tl6"  # conf/peft/<preset>.yaml; None: explicit flags only
     rank: Optional[int] = None  # r
     alpha: Optional[float] = None  # s = alpha / r (None: the preset's value)
-    dropout: Optional[float] = None  # on the adapter input
+    dropout: Optional[float] = None  # probability; where it acts: dropout_position
+    dropout_position: Optional[str] = None  # "pre" (adapter input; the presets') or "post" (adapter output)
     target_modules: Optional[List[str]] = None  # subset of linear_qkv, linear_proj, linear_fc1, linear_fc2
     seed: Optional[int] = None  # seeds frozen random factors and all inits
     A: Optional[Dict[str, Any]] = None  # e.g. {"trainable": True, "tied": True, "init": None}
@@ -207,6 +208,7 @@ class TiedLoRA(PEFT):
         nemo_compat.install()  # before llm.finetune sets up its logger, parallel state and restore
         self._cfg = resolve_config(
             self.preset, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+            dropout_position=self.dropout_position,
             target_modules=None if self.target_modules is None else list(self.target_modules),
             seed=self.seed, **{f: getattr(self, f) for f in FACTORS})
         self._plan: Optional[dict] = None
