@@ -264,6 +264,7 @@ class TiedLoRA(PEFT):
                 fn.walk(model, self.transform)
         finally:
             self._plan = None
+        _keep_adapters_fp32_on_conversion(model)
         inference = not _fitting(model)  # NeMo freezes everything outside trainer.fit
         for chunk in chunks:
             declare_trainable(chunk, cfg)
@@ -408,6 +409,38 @@ def export_peft(peft: "TiedLoRA", model: nn.Module, output, base_model_name_or_p
         if dist.is_initialized():
             dist.barrier()
     return Path(output)
+
+
+def _keep_adapters_fp32_on_conversion(model: nn.Module) -> None:
+    """Keep the adapters fp32 when NeMo's precision plugin wraps ``model`` in ``Float16Module``.
+
+    ``MegatronMixedPrecision("bf16-mixed")`` (or fp16) converts each chunk after the PEFT
+    transform (``MegatronParallel.init_model_parallel`` → ``convert_module_fn``), before
+    megatron's DDP and optimizer are built; ``Float16Module`` casts every parameter. The
+    conversion is wrapped so that the adapter tensors (tied and per layer, frozen ones
+    too) get their fp32 values back right after it, so DDP gives them fp32 gradient
+    buffers and megatron's optimizer steps them as fp32 parameters (no bf16 copy). The
+    adapter then computes in fp32 (bf16 input cast up, result cast to the base output's
+    dtype), as in tiedlora's own recipe. A model without ``convert_module_fn`` (a bare
+    megatron-core module, or one converted before the transform) is left alone.
+    """
+    convert = getattr(model, "convert_module_fn", None)
+    if convert is None or getattr(convert, "keeps_tiedlora_adapters_fp32", False):
+        return
+
+    def convert_keeping_adapters_fp32(module: nn.Module) -> nn.Module:
+        from tiedlora.peft.model import ADAPTER_DTYPE, iter_adapter_params
+
+        saved = [(r.param, r.param.data) for chunk in mcore_chunks(module)
+                 for r in iter_adapter_params(chunk)]
+        module = convert(module)
+        for param, data in saved:  # the very values (and storage) from before the cast
+            if param.dtype != ADAPTER_DTYPE:
+                param.data = data.to(ADAPTER_DTYPE)
+        return module
+
+    convert_keeping_adapters_fp32.keeps_tiedlora_adapters_fp32 = True
+    model.convert_module_fn = convert_keeping_adapters_fp32
 
 
 def _fitting(model: nn.Module) -> bool:
