@@ -27,9 +27,16 @@ Where NeMo and tiedlora meet:
 
 Limits: the base must use megatron-core's *local* layer spec (``ColumnParallelLinear`` /
 ``RowParallelLinear``; in NeMo ``GPTConfig(transformer_layer_spec=local_layer_spec)``):
-transformer-engine's fused layernorm-linear modules are refused. Tied factors under
-pipeline parallelism are refused too: NeMo's ``finalize_model_grads`` does not sum a tied
-factor's gradient over the stages that hold a copy (tiedlora's own recipe does).
+transformer-engine's fused layernorm-linear modules are refused.
+
+Beyond NeMo's own PEFT machinery:
+
+* Pipeline parallelism: every stage holds a copy of each tied factor (same seed, so equal
+  at the start). NeMo's ``finalize_model_grads`` does not add the copies' gradients, so
+  :meth:`TiedLoRA.apply_transform` wraps it (:func:`wrap_finalize_model_grads`); the copy
+  on stage 0 is the one gradient-norm clipping and checkpoints count.
+* Mixed precision: adapters stay fp32 when NeMo's precision plugin casts the model to
+  bf16/fp16 (:func:`_keep_adapters_fp32_on_conversion`).
 """
 
 from __future__ import annotations
@@ -494,9 +501,9 @@ def sum_tied_grads_over_pipeline(chunks: List[nn.Module], pp_group=None) -> None
         for rec in iter_adapter_params(chunk):
             if rec.tied and rec.param.requires_grad:
                 copies.setdefault(rec.name, []).append(rec.param)
-    if not copies:
-        return
     group = pp_group if pp_group is not None else ps.get_pipeline_model_parallel_group()
+    if all(len(c) == 1 for c in copies.values()) and dist.get_world_size(group) == 1:
+        return  # one copy of each (no tied factors, or PP=1 without virtual chunks)
     names = sorted(copies)
     grads = [[_grad_of(p) for p in copies[n]] for n in names]
     totals = [torch.stack(gs).sum(0) if len(gs) > 1 else gs[0].clone() for gs in grads]
