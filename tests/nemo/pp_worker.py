@@ -6,7 +6,7 @@ The model, data and optimizer are flow_worker.py's (a 2-layer GPT, TL6 r=4 on th
 QKV projection, NeMo's mock data). The frozen base is not restored from a checkpoint: its
 weights are filled from a generator keyed by each tensor's *global* name (layer number, not
 position on the stage) before the transform, so PP=1 and PP=2 start from the same model.
-Each rank writes ``OUT_DIR/rank<r>.pt``: the losses it saw, the full adapter (tiedlora's
+Each rank writes ``OUT_DIR/rank<r>.pt``: the losses and gradient norms it saw, the full adapter (tiedlora's
 layout-independent names) before the first and after the last step, and its own copies of
 the tied factors. NeMo writes its final adapter checkpoint under ``OUT_DIR/pp<PP>``.
 """
@@ -50,7 +50,7 @@ class LayoutFreeBase(Callback):
 class Record(Callback):
     def __init__(self, peft: TiedLoRA, out: Path):
         self.peft, self.out = peft, out
-        self.result = {"losses": {}}
+        self.result = {"losses": {}, "grad_norms": {}}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if "init" not in self.result:
@@ -59,6 +59,8 @@ class Record(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.result["losses"][int(trainer.global_step)] = float(torch.as_tensor(loss).float().mean())
+        # megatron's norm over the model-parallel group, as NeMo's strategy logs it
+        self.result["grad_norms"][int(trainer.global_step)] = float(trainer.callback_metrics["grad_norm"])
 
     def on_train_end(self, trainer, pl_module):
         import torch.distributed as dist

@@ -555,7 +555,7 @@ def _keep_adapters_fp32_on_conversion(model: nn.Module) -> None:
         return
 
     def convert_keeping_adapters_fp32(module: nn.Module) -> nn.Module:
-        from tiedlora.peft.model import ADAPTER_DTYPE, iter_adapter_params
+        from tiedlora.peft.model import ADAPTER_DTYPE
 
         saved = [(r.param, r.param.data) for chunk in mcore_chunks(module)
                  for r in iter_adapter_params(chunk)]
