@@ -108,3 +108,44 @@ def test_checkpoint_holds_each_tied_factor_once(runs):
         got = {key: torch.empty_like(want)}
         dcp.load(got, storage_reader=dcp.FileSystemReader(weights), no_dist=True)
         assert torch.equal(got[key], want)
+
+
+def test_copies_on_one_rank_are_summed(mp1):
+    """Virtual pipeline chunks: one rank holds several copies (here two chunks at PP=1); each
+    copy gets the sum of all copies' gradients, read from megatron's ``main_grad`` when DDP
+    keeps one; per-layer factors are left alone."""
+    from tiedlora.integrations.nemo import TiedLoRA, sum_tied_grads_over_pipeline
+    from tiedlora.models.gpt import build_gpt_model
+    from tiedlora.peft.model import iter_adapter_params
+
+    from helpers import tiny_model_cfg
+
+    chunks = [TiedLoRA("tl6", rank=4)(build_gpt_model(tiny_model_cfg())) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    given = {}
+    for i, chunk in enumerate(chunks):
+        for rec in iter_adapter_params(chunk):
+            grad = torch.randn(rec.param.shape, generator=g)
+            if i == 1:  # the second chunk's buffers as megatron's DDP holds them
+                rec.param.main_grad = grad.clone()
+            else:
+                rec.param.grad = grad.clone()
+            given[(i, rec.name)] = grad
+    sum_tied_grads_over_pipeline(chunks)
+    for i, chunk in enumerate(chunks):
+        for rec in iter_adapter_params(chunk):
+            got = rec.param.main_grad if i == 1 else rec.param.grad
+            want = given[(0, rec.name)] + given[(1, rec.name)] if rec.tied else given[(i, rec.name)]
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"chunk {i} {rec.name}")
+
+
+def test_a_chunk_without_layers_is_refused():
+    from torch import nn
+
+    from tiedlora.integrations.nemo import ShardedTiedFactors, _mark_tied_copies
+
+    chunk = nn.Module()
+    chunk.tied_adapters = ShardedTiedFactors()  # no layer: no tied factor was created
+    with pytest.raises(ValueError, match="pipeline stage 1, model chunk 0 holds no transformer layer"):
+        _mark_tied_copies([chunk], pp_rank=1, pp_size=2, tied=True)
+    _mark_tied_copies([chunk], pp_rank=1, pp_size=2, tied=False)  # LoRA: nothing is tied
