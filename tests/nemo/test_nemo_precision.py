@@ -27,7 +27,7 @@ def _need_nemo():
     pytest.importorskip("nemo.lightning.pytorch.callbacks.peft", reason="NeMo 2 is not installed")
 
 
-def _parallel_bf16(peft):
+def _parallel_bf16(peft, distributed: bool):
     """A tiny llm.GPTModel in NeMo's MegatronParallel with the bf16 plugin, transformed by
     ``peft`` and then converted and DDP-wrapped by NeMo itself (fitting)."""
     import lightning.pytorch as pl
@@ -51,7 +51,7 @@ def _parallel_bf16(peft):
     model.configure_model()
     plugin = nl.MegatronMixedPrecision(precision="bf16-mixed")
     parallel = MegatronParallel(model, cpu=True, convert_module_fn=plugin.convert_module,
-                                ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=False))
+                                ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     trainer.state.fn = TrainerFn.FITTING
     model.trainer = trainer
@@ -61,7 +61,8 @@ def _parallel_bf16(peft):
     return parallel, before
 
 
-def test_adapters_stay_fp32_and_train_under_bf16_mixed(mp1):
+@pytest.mark.parametrize("distributed", [False, True], ids=["optimizer", "distributed_optimizer"])
+def test_adapters_stay_fp32_and_train_under_bf16_mixed(mp1, distributed):
     _need_nemo()
     import megatron.core.optimizer as mopt
     from megatron.core.transformer.module import Float16Module
@@ -70,7 +71,7 @@ def test_adapters_stay_fp32_and_train_under_bf16_mixed(mp1):
     from tiedlora.integrations.nemo import TiedLoRA, TiedLoRALinear, mcore_chunks
     from tiedlora.peft.model import iter_adapter_params
 
-    parallel, init = _parallel_bf16(TiedLoRA("tl6", rank=4, alpha=8))
+    parallel, init = _parallel_bf16(TiedLoRA("tl6", rank=4, alpha=8), distributed)
     chunk = parallel[0].module  # megatron DDP
     assert any(isinstance(m, Float16Module) for m in parallel.modules())
     gpt = mcore_chunks(parallel)[0]
@@ -109,11 +110,13 @@ def test_adapters_stay_fp32_and_train_under_bf16_mixed(mp1):
     # megatron's bf16 optimizer (as NeMo wraps it) over fp32 adapter parameters: they are
     # stepped directly (no bf16 copy), and two steps update every tensor
     optim = McoreDistributedOptimizer(mopt.get_megatron_optimizer(
-        mopt.OptimizerConfig(optimizer="adam", lr=LR, bf16=True, use_distributed_optimizer=False,
+        mopt.OptimizerConfig(optimizer="adam", lr=LR, bf16=True, use_distributed_optimizer=distributed,
                              clip_grad=1.0), [chunk]))
     inner = getattr(optim.mcore_optimizer, "chained_optimizers", [optim.mcore_optimizer])
-    assert sum(len(g) for o in inner for g in o.float16_groups) == 0
-    assert {id(p) for o in inner for g in o.fp32_from_fp32_groups for p in g} == set(init)
+    f16, f32 = ("model_float16_groups", "model_fp32_groups") if distributed else \
+        ("float16_groups", "fp32_from_fp32_groups")
+    assert sum(len(g) for o in inner for g in getattr(o, f16)) == 0
+    assert {id(p) for o in inner for g in getattr(o, f32) for p in g} == set(init)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
