@@ -46,7 +46,8 @@ def cache_root() -> Path:
 #
 # Every preset (LoRA, VeRA, TL1-TL7) is nothing but flags on four factors::
 #
-#     h = W x + s * v ⊙ B( u ⊙ A(dropout(x)) )        s = alpha / r
+#     h = W x + s * v ⊙ B( u ⊙ A(dropout(x)) )        s = alpha / r     (dropout_position=pre)
+#     h = W x + dropout( s * v ⊙ B( u ⊙ A x ) )                         (dropout_position=post)
 #
 #     A: (r, d_in)   B: (d_out, r)   u: (r,)   v: (d_out,)
 #
@@ -68,6 +69,7 @@ COLUMN_TARGETS = ("linear_qkv", "linear_fc1")  # column-parallel in megatron-cor
 ROW_TARGETS = ("linear_proj", "linear_fc2")  # row-parallel in megatron-core
 FACTORS = ("A", "B", "u", "v")
 NAMED_INITS = ("kaiming_uniform", "zeros", "ones", "normal")
+DROPOUT_POSITIONS = ("pre", "post")  # dropout(x) before A, or dropout(ΔW x) after B (as NeMo's LoRA)
 
 
 def parse_init(value: Optional[str], where: str) -> Optional[str | float]:
@@ -103,7 +105,8 @@ class PeftConfig:
     name: str = "tl6"  # preset name (informational; behaviour comes from the flags only)
     rank: int = 8  # r
     alpha: Optional[float] = None  # s = alpha / r; None: alpha = r (s = 1)
-    dropout: float = 0.0  # on the adapter input
+    dropout: float = 0.0  # probability; where it acts: dropout_position
+    dropout_position: str = "pre"  # pre: on the adapter input x; post: on the adapter output ΔW x
     target_modules: List[str] = field(default_factory=lambda: ["linear_qkv"])
     seed: int = 1234  # seeds frozen random factors and all adapter inits
     A: FactorConfig = field(default_factory=lambda: FactorConfig(trainable=True, tied=True))
@@ -118,6 +121,9 @@ class PeftConfig:
             raise ValueError(f"peft.alpha={self.alpha!r}: must be a positive number (or null for alpha = rank)")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"peft.dropout={self.dropout!r}: must be in [0, 1)")
+        if self.dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(f"peft.dropout_position={self.dropout_position!r}: expected one of "
+                             f"{list(DROPOUT_POSITIONS)} (dropout on the adapter input or on its output)")
         targets = list(self.target_modules)
         if not targets:
             raise ValueError("peft.target_modules=[]: name at least one of " + ", ".join(TARGETS))

@@ -27,9 +27,16 @@ Where NeMo and tiedlora meet:
 
 Limits: the base must use megatron-core's *local* layer spec (``ColumnParallelLinear`` /
 ``RowParallelLinear``; in NeMo ``GPTConfig(transformer_layer_spec=local_layer_spec)``):
-transformer-engine's fused layernorm-linear modules are refused. Tied factors under
-pipeline parallelism are refused too: NeMo's ``finalize_model_grads`` does not sum a tied
-factor's gradient over the stages that hold a copy (tiedlora's own recipe does).
+transformer-engine's fused layernorm-linear modules are refused.
+
+Beyond NeMo's own PEFT machinery:
+
+* Pipeline parallelism: every stage holds a copy of each tied factor (same seed, so equal
+  at the start). NeMo's ``finalize_model_grads`` does not add the copies' gradients, so
+  :meth:`TiedLoRA.apply_transform` wraps it (:func:`wrap_finalize_model_grads`); the copy
+  on stage 0 is the one gradient-norm clipping and checkpoints count.
+* Mixed precision: adapters stay fp32 when NeMo's precision plugin casts the model to
+  bf16/fp16 (:func:`_keep_adapters_fp32_on_conversion`).
 """
 
 from __future__ import annotations
@@ -60,12 +67,14 @@ from tiedlora.peft.model import (
     _transformer_layers,
     adapter_state_dict,
     declare_trainable,
+    iter_adapter_params,
     load_adapter_state_dict,
     make_adapter,
 )
 
 __all__ = ["TiedLoRA", "TiedLoRALinear", "ShardedTiedFactors", "export_peft", "mcore_chunks",
-           "model_config_from_nemo", "resolve_config"]
+           "model_config_from_nemo", "resolve_config", "sum_tied_grads_over_pipeline",
+           "wrap_finalize_model_grads"]
 
 _LOCAL_SPEC_HINT = (
     "In NeMo, build the model with megatron-core's local layer spec, e.g. "
@@ -146,10 +155,24 @@ def _sharded(tensors: Dict[str, torch.Tensor], prefix: str, sharded_offsets, met
 
 
 class ShardedTiedFactors(TiedFactors):
-    """:class:`TiedFactors` that megatron's dist-checkpointing (NeMo's checkpoints) can save."""
+    """:class:`TiedFactors` that megatron's dist-checkpointing (NeMo's checkpoints) can save.
+
+    Under pipeline parallelism every stage (and every virtual chunk) holds a copy under the
+    same checkpoint key; only the copy of the first chunk of stage 0 (``main_copy``) is the
+    main replica, the others are marked as replicas (replica id ``(1, ...)``, as megatron
+    marks the last stage's copy of tied embeddings), so the factor is written once and read
+    by every copy.
+    """
+
+    main_copy: bool = True
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        return _sharded(self.state_dict(keep_vars=True), prefix, sharded_offsets, metadata, None)
+        out = _sharded(self.state_dict(keep_vars=True), prefix, sharded_offsets, metadata, None)
+        if not self.main_copy:
+            for sh in out.values():
+                rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                sh.replica_id = (1,) + tuple(rid[1:])
+        return out
 
 
 class TiedLoRALinear(AdapterWrapper):
@@ -193,7 +216,8 @@ class TiedLoRA(PEFT):
     preset: Optional[str] = "tl6"  # conf/peft/<preset>.yaml; None: explicit flags only
     rank: Optional[int] = None  # r
     alpha: Optional[float] = None  # s = alpha / r (None: the preset's value)
-    dropout: Optional[float] = None  # on the adapter input
+    dropout: Optional[float] = None  # probability; where it acts: dropout_position
+    dropout_position: Optional[str] = None  # "pre" (adapter input; the presets') or "post" (adapter output)
     target_modules: Optional[List[str]] = None  # subset of linear_qkv, linear_proj, linear_fc1, linear_fc2
     seed: Optional[int] = None  # seeds frozen random factors and all inits
     A: Optional[Dict[str, Any]] = None  # e.g. {"trainable": True, "tied": True, "init": None}
@@ -207,6 +231,7 @@ class TiedLoRA(PEFT):
         nemo_compat.install()  # before llm.finetune sets up its logger, parallel state and restore
         self._cfg = resolve_config(
             self.preset, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+            dropout_position=self.dropout_position,
             target_modules=None if self.target_modules is None else list(self.target_modules),
             seed=self.seed, **{f: getattr(self, f) for f in FACTORS})
         self._plan: Optional[dict] = None
@@ -244,12 +269,6 @@ class TiedLoRA(PEFT):
 
         cfg = self._cfg
         compat.require("TiedLoRA")
-        if (ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1
-                and (cfg.A.tied or cfg.B.tied)):
-            raise NotImplementedError(
-                f"TiedLoRA({cfg.name!r}): tied A/B under pipeline parallelism is not supported in "
-                "NeMo (its finalize_model_grads does not sum a tied factor's gradient over the "
-                "stages); use pipeline_model_parallel_size=1, or tiedlora's own recipe")
         try:
             chunks = self._plan_chunks(model)
             if hasattr(model, "walk"):  # NeMo containers: NeMo's own freeze + walk
@@ -262,6 +281,10 @@ class TiedLoRA(PEFT):
                 fn.walk(model, self.transform)
         finally:
             self._plan = None
+        _keep_adapters_fp32_on_conversion(model)
+        pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+        pp_size = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        _mark_tied_copies(chunks, pp_rank, pp_size, cfg.A.tied or cfg.B.tied)
         inference = not _fitting(model)  # NeMo freezes everything outside trainer.fit
         for chunk in chunks:
             declare_trainable(chunk, cfg)
@@ -301,6 +324,18 @@ class TiedLoRA(PEFT):
             return module
         owner, target, layer_number, sp = entry
         return TiedLoRALinear(module, make_adapter(module, target, layer_number, self._cfg, owner, sp))
+
+    def apply_transform(self, trainer) -> None:
+        """NeMo's PEFT set-up (transform, DDP, optimizer, ``finalize_model_grads``), plus the
+        pipeline sum of tied-factor gradients (:func:`sum_tied_grads_over_pipeline`) after
+        megatron's ``finalize_model_grads``."""
+        from megatron.core.utils import get_model_config
+
+        super().apply_transform(trainer)
+        configs = [get_model_config(trainer.lightning_module)]
+        configs += [getattr(c, "config", None) for c in mcore_chunks(trainer.model)]
+        for config in {id(c): c for c in configs if c is not None}.values():
+            wrap_finalize_model_grads(config)
 
     def adapter_key_filter(self, key) -> bool:
         """Which checkpoint keys are adapter state: the tied-factor owner, then NeMo's rule.
@@ -406,6 +441,132 @@ def export_peft(peft: "TiedLoRA", model: nn.Module, output, base_model_name_or_p
         if dist.is_initialized():
             dist.barrier()
     return Path(output)
+
+
+# ------------------------------------------------------------ pipeline parallelism
+def _mark_tied_copies(chunks: List[nn.Module], pp_rank: int, pp_size: int, tied: bool) -> None:
+    """Under pipeline parallelism (or with virtual chunks) every chunk holds a copy of each
+    tied factor. The copy of stage 0's first chunk is the main one; the others are marked
+    ``shared`` (megatron's gradient-norm and zero counting skip them, so the factor counts
+    once) and their checkpoint entries are replicas. Every copy gets its own DDP bucket
+    (``shared_embedding``, as megatron does for tied embeddings), so that under the
+    distributed optimizer each data-parallel rank owns the same slice of the factor's
+    gradient on every stage and the pipeline all-reduce after the reduce-scatter adds
+    matching elements."""
+    if pp_size == 1 and len(chunks) == 1:
+        return
+    for i, chunk in enumerate(chunks):
+        main = pp_rank == 0 and i == 0
+        owner = chunk.tied_adapters
+        if tied and not list(owner.parameters()):
+            raise ValueError(
+                f"pipeline stage {pp_rank}, model chunk {i} holds no transformer layer, so no copy "
+                "of the tied A/B: TiedLoRA needs at least one layer on every pipeline stage and "
+                "virtual chunk (num_layers divisible by pipeline_model_parallel_size, times "
+                "virtual_pipeline_model_parallel_size)")
+        owner.main_copy = main
+        for p in owner.parameters():
+            p.shared_embedding = True
+            p.shared = not main
+
+
+def _grad_of(p: nn.Parameter) -> torch.Tensor:
+    """The gradient megatron reduces: ``main_grad`` (DDP's buffer) when present, else ``grad``."""
+    g = getattr(p, "main_grad", None)
+    if g is None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad
+    return g
+
+
+@torch.no_grad()
+def sum_tied_grads_over_pipeline(chunks: List[nn.Module], pp_group=None) -> None:
+    """Give every copy of a trainable tied factor the sum of all copies' gradients.
+
+    Each copy's gradient is the sum over the layers of its chunk; the factor's gradient is
+    the sum over all layers. The copies of this rank's chunks are added, the sums are
+    all-reduced over the pipeline group (one flat buffer) and written into every copy. Run
+    after megatron's ``finalize_model_grads``: its data-parallel reduction and its scaling by
+    the step's token count are linear, so the order does not change the result, and after
+    it the copies are complete on every data-parallel rank (see :func:`_mark_tied_copies`
+    for the distributed optimizer). Every stage holds every tied factor (each stage has at
+    least one transformer layer), so all stages reduce the same list, in name order.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    copies: Dict[str, List[nn.Parameter]] = {}
+    for chunk in chunks:
+        for rec in iter_adapter_params(chunk):
+            if rec.tied and rec.param.requires_grad:
+                copies.setdefault(rec.name, []).append(rec.param)
+    group = pp_group if pp_group is not None else ps.get_pipeline_model_parallel_group()
+    if all(len(c) == 1 for c in copies.values()) and dist.get_world_size(group) == 1:
+        return  # one copy of each (no tied factors, or PP=1 without virtual chunks)
+    names = sorted(copies)
+    grads = [[_grad_of(p) for p in copies[n]] for n in names]
+    totals = [torch.stack(gs).sum(0) if len(gs) > 1 else gs[0].clone() for gs in grads]
+    if dist.get_world_size(group) > 1:
+        flat = torch.cat([t.reshape(-1).float() for t in totals])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in totals:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+    for gs, total in zip(grads, totals):
+        for g in gs:
+            g.copy_(total)
+
+
+def wrap_finalize_model_grads(config) -> None:
+    """Make ``config.finalize_model_grads_func`` (set by NeMo's ``MegatronOptimizerModule``)
+    also run :func:`sum_tied_grads_over_pipeline`; megatron's schedules call it once per
+    step. Idempotent; a config without the function is left alone."""
+    finalize = getattr(config, "finalize_model_grads_func", None)
+    if finalize is None or getattr(finalize, "sums_tied_adapter_grads", False):
+        return
+
+    def finalize_then_sum_tied_grads(model, *args, **kwargs):
+        out = finalize(model, *args, **kwargs)
+        chunks = [c for m in (model if isinstance(model, (list, tuple)) else [model]) for c in mcore_chunks(m)]
+        sum_tied_grads_over_pipeline(chunks)
+        return out
+
+    finalize_then_sum_tied_grads.sums_tied_adapter_grads = True
+    config.finalize_model_grads_func = finalize_then_sum_tied_grads
+
+
+def _keep_adapters_fp32_on_conversion(model: nn.Module) -> None:
+    """Keep the adapters fp32 when NeMo's precision plugin wraps ``model`` in ``Float16Module``.
+
+    ``MegatronMixedPrecision("bf16-mixed")`` (or fp16) converts each chunk after the PEFT
+    transform (``MegatronParallel.init_model_parallel`` → ``convert_module_fn``), before
+    megatron's DDP and optimizer are built; ``Float16Module`` casts every parameter. The
+    conversion is wrapped so that the adapter tensors (tied and per layer, frozen ones
+    too) get their fp32 values back right after it, so DDP gives them fp32 gradient
+    buffers and megatron's optimizer steps them as fp32 parameters (no bf16 copy). The
+    adapter then computes in fp32 (bf16 input cast up, result cast to the base output's
+    dtype), as in tiedlora's own recipe. A model without ``convert_module_fn`` (a bare
+    megatron-core module, or one converted before the transform) is left alone.
+    """
+    convert = getattr(model, "convert_module_fn", None)
+    if convert is None or getattr(convert, "keeps_tiedlora_adapters_fp32", False):
+        return
+
+    def convert_keeping_adapters_fp32(module: nn.Module) -> nn.Module:
+        from tiedlora.peft.model import ADAPTER_DTYPE
+
+        saved = [(r.param, r.param.data) for chunk in mcore_chunks(module)
+                 for r in iter_adapter_params(chunk)]
+        module = convert(module)
+        for param, data in saved:  # the very values (and storage) from before the cast
+            if param.dtype != ADAPTER_DTYPE:
+                param.data = data.to(ADAPTER_DTYPE)
+        return module
+
+    convert_keeping_adapters_fp32.keeps_tiedlora_adapters_fp32 = True
+    model.convert_module_fn = convert_keeping_adapters_fp32
 
 
 def _fitting(model: nn.Module) -> bool:

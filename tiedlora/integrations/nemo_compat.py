@@ -42,7 +42,10 @@ Without CUDA only (each a no-op when ``torch.cuda.is_available()``):
   norm) and ``optimizer/clip_grads.py`` (lines 90-207): the optimizer's construction and
   NeMo's ``McoreDistributedOptimizer`` methods run where ``device='cuda'`` means the CPU;
   ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` (line 167) and is
-  replaced, in ``optimizer.py``'s namespace, by the same scaling of CPU gradients;
+  replaced, in ``optimizer.py``'s namespace, by the same scaling of CPU gradients; under
+  bf16/fp16 mixed precision ``Float16OptimizerWithFloat16Params`` (``optimizer.py`` lines
+  671 and 690) sorts parameters by ``param.type()`` and refuses any but ``torch.cuda.*`` names,
+  so inside those calls a CPU tensor's ``type()`` gives its CUDA name;
 * ``data_on_cpu`` -- NeMo 2.7.3 ``nemo/collections/llm/gpt/model/base.py`` line 103
   (``gpt_data_step``: ``.cuda(non_blocking=True)`` on every batch tensor) and
   ``nemo/lightning/pytorch/plugins/data_sampler.py`` lines 192 and 212 (``pin_memory=True``
@@ -175,9 +178,14 @@ def _rng_tracker_seed() -> bool:
 
 class _CpuMode(torch.overrides.TorchFunctionMode):
     """Inside it, ``device='cuda'``, ``.cuda()``, ``.to('cuda')`` and ``pin_memory=True`` all
-    mean the CPU. Used only around the few NeMo / megatron calls listed in this module."""
+    mean the CPU, and ``tensor.type()`` names the CUDA type (``torch.cuda.FloatTensor`` for a
+    CPU fp32 tensor: megatron's mixed-precision optimizer sorts parameters by that name).
+    Used only around the few NeMo / megatron calls listed in this module."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         kwargs = dict(kwargs or {})
         dev = kwargs.get("device")
         if dev is not None and torch.device(dev).type == "cuda":

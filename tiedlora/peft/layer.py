@@ -3,8 +3,13 @@
     x ──► base (frozen W) ───────────────────────────────► (+) ──► out, bias
     │                                                      ▲
     └─► dropout ─► A ─► ⊙ s·u ─► [TP comm] ─► B ─► ⊙ v ────┘
+        (pre)                                    (post: dropout here instead)
 
     ΔW x = s · v ⊙ B( u ⊙ A x ),   s = alpha / r
+
+``dropout_position`` (as NeMo's LoRA): ``pre`` applies dropout to the adapter input x
+(the default), ``post`` to the adapter output ΔW x; with ``post`` the add into the base
+output is not fused.
 
 A·x is computed first (r wide), so no d_out×d_in matrix is ever formed during training.
 The scalings are folded into the small factors at each call instead of scaling
@@ -56,15 +61,19 @@ class TiedLoRAAdapter(nn.Module):
     """
 
     def __init__(self, mode: str, target: str, layer_number: int, scale: float, dropout: float,
-                 tp_group, sequence_parallel: bool, owner: Optional["TiedFactors"] = None):
+                 tp_group, sequence_parallel: bool, owner: Optional["TiedFactors"] = None,
+                 dropout_position: str = "pre"):
         super().__init__()
         if mode not in ("column", "row"):
             raise ValueError(f"mode={mode!r}: expected column or row")
+        if dropout_position not in ("pre", "post"):
+            raise ValueError(f"dropout_position={dropout_position!r}: expected pre or post")
         self.mode = mode
         self.target = target
         self.layer_number = layer_number  # global, 1-based (megatron's TransformerLayer numbering)
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_position = dropout_position  # pre: dropout(x); post: dropout(ΔW x)
         self.tp_group = tp_group
         self.tp_size = tp_group.size() if tp_group is not None else 1
         self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
@@ -101,7 +110,10 @@ class TiedLoRAAdapter(nn.Module):
         from megatron.core.tensor_parallel import mappings
 
         A, B = self.folded()
-        x = self.dropout(x).to(A.dtype)
+        post = self.dropout_position == "post" and isinstance(self.dropout, nn.Dropout)
+        if not post:
+            x = self.dropout(x)
+        x = x.to(A.dtype)
         h = F.linear(x, A)  # [s, b, r] (column) or partial [s, b, r] (row)
         if self.mode == "column":
             if self.sequence_parallel:
@@ -113,6 +125,9 @@ class TiedLoRAAdapter(nn.Module):
         else:
             h = mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
         # h: [s, b, r]; the output: [s, b, d_out/tp] (column) or [s(/tp), b, d_out] (row)
+        if post:
+            delta = self._post_dropout(F.linear(h, B))
+            return delta if base_out is None else base_out + delta.to(base_out.dtype)
         if base_out is None:
             return F.linear(h, B)
         if base_out.dtype != h.dtype:  # bf16 base, fp32 adapter (no autocast): add in the base's dtype
@@ -120,8 +135,21 @@ class TiedLoRAAdapter(nn.Module):
         flat = torch.addmm(base_out.reshape(-1, base_out.size(-1)), h.reshape(-1, h.size(-1)), B.t())
         return flat.view(base_out.shape)
 
+    def _post_dropout(self, delta: torch.Tensor) -> torch.Tensor:
+        """Dropout on ΔW x. Where this rank holds a shard of the output (column targets under
+        TP, row targets under sequence parallel), the mask comes from megatron's
+        model-parallel RNG, as for attention dropout, so the ranks' shards get independent
+        masks; a replicated output uses the default RNG, identical on every TP rank."""
+        if self.tp_size > 1 and (self.mode == "column" or self.sequence_parallel):
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                return self.dropout(delta)
+        return self.dropout(delta)
+
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, target={self.target}, layer={self.layer_number}, scale={self.scale}"
+        return (f"mode={self.mode}, target={self.target}, layer={self.layer_number}, scale={self.scale}, "
+                f"dropout_position={self.dropout_position}")
 
 
 class TiedFactors(nn.Module):

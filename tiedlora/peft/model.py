@@ -167,7 +167,7 @@ def make_adapter(base: nn.Module, target: str, layer_number: int, cfg: PeftConfi
     device = base.weight.device
     specs = factor_specs(mode, d_in, d_out, cfg.rank, stride)
     adapter = TiedLoRAAdapter(mode, target, layer_number, cfg.scale, cfg.dropout,
-                              group, sequence_parallel, owner)
+                              group, sequence_parallel, owner, cfg.dropout_position)
     for name in FACTORS:
         fcfg = getattr(cfg, name)
         if cfg.is_identity(name):
