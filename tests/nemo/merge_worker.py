@@ -56,7 +56,7 @@ def weights(trainer) -> dict:
 
 def messages(adapter: Path, base: Path, out: Path) -> dict:
     """merge_adapter's error on each bad input (type name and message)."""
-    from tiedlora.integrations.nemo import merge_adapter
+    from tiedlora.integrations.nemo_merge import merge_adapter
 
     lora = out / "lora_ckpt"  # the adapter checkpoint with NeMo's LoRA recorded as its transform
     shutil.copytree(adapter, lora)
@@ -88,10 +88,9 @@ def messages(adapter: Path, base: Path, out: Path) -> dict:
 def main(adapter: str, base: str, out: str) -> None:
     from nemo.lightning import io
 
-    from tiedlora.integrations.nemo import merge_adapter
-    from tiedlora.integrations.nemo_merge import fold_adapters_, load_adapted_model, restore_model
-    from tiedlora.merge import adapter_delta
     from tiedlora.integrations.nemo import TiedLoRALinear, mcore_chunks
+    from tiedlora.integrations.nemo_merge import fold_adapters_, load_adapted_model, merge_adapter, restore_model
+    from tiedlora.merge import adapter_delta
 
     adapter, base, out = Path(adapter), Path(base), Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ from tiedlora.peft.model import (
 )
 
 __all__ = ["TiedLoRA", "TiedLoRALinear", "ShardedTiedFactors", "export_peft", "mcore_chunks",
-           "finetune_recipe", "merge_adapter", "model_config_from_nemo", "resolve_config"]
+           "model_config_from_nemo", "resolve_config"]
 
 _LOCAL_SPEC_HINT = (
     "In NeMo, build the model with megatron-core's local layer spec, e.g. "
@@ -417,28 +417,3 @@ def _fitting(model: nn.Module) -> bool:
     except (AttributeError, RuntimeError):  # Lightning raises RuntimeError when detached
         return True
     return trainer is None or trainer.state.fn == TrainerFn.FITTING
-
-
-# ------------------------------------------------------------- merge into a NeMo 2 checkpoint
-def merge_adapter(adapter, output, base=None) -> Path:
-    """Fold a NeMo 2 TiedLoRA adapter checkpoint into a full NeMo 2 checkpoint at ``output``.
-
-    ``llm.peft.merge_lora`` for :class:`TiedLoRA` (all presets); ``base`` overrides the base
-    checkpoint recorded in the adapter checkpoint. See :mod:`tiedlora.integrations.nemo_merge`
-    (also its command line, ``python -m tiedlora.integrations.nemo_merge``).
-    """
-    from tiedlora.integrations.nemo_merge import merge_adapter as merge
-
-    return merge(adapter, output, base)
-
-
-# ---------------------------------------------------------------------- NeMo's recipes
-def finetune_recipe(model: str = "llama2_7b", preset: Optional[str] = "tl6", **kwargs):
-    """NeMo's ``llm.recipes.<model>.finetune_recipe`` with :class:`TiedLoRA` in place of its LoRA.
-
-    See :func:`tiedlora.integrations.nemo_recipes.finetune_recipe` (adapter fields and NeMo's
-    recipe arguments go through ``kwargs``).
-    """
-    from tiedlora.integrations.nemo_recipes import finetune_recipe as recipe
-
-    return recipe(model, preset, **kwargs)

@@ -7,7 +7,7 @@ job for every tiedlora preset (lora, vera, tl1 ... tl7)::
     python -m tiedlora.integrations.nemo_merge \\
         --adapter nemo_runs/llama2_7b_tl6/checkpoints/<name>-last --output /ckpt/llama2_7b_tl6_merged
 
-    from tiedlora.integrations.nemo import merge_adapter
+    from tiedlora.integrations.nemo_merge import merge_adapter
     merge_adapter("nemo_runs/.../checkpoints/<name>-last", "/ckpt/llama2_7b_tl6_merged")
 
 What an adapter checkpoint of ``llm.finetune(..., peft=TiedLoRA(...))`` holds, and what is read::

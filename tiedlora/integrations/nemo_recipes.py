@@ -7,7 +7,7 @@ in ``llm.peft.PEFT_STR2CLS``, so no entry added to that table reaches them. Inst
 for a :class:`~tiedlora.integrations.nemo.TiedLoRA`; everything else (trainer, data, optimizer,
 learning rate, logging, resume) stays NeMo's::
 
-    from tiedlora.integrations.nemo import finetune_recipe
+    from tiedlora.integrations.nemo_recipes import finetune_recipe
     recipe = finetune_recipe("llama2_7b", preset="tl6", rank=8, name="llama2_7b_tl6", num_nodes=1)
     recipe.resume.restore_config.path = "/ckpt/llama2-7b-nemo2"     # any recipe field, as usual
     run.run(recipe, executor=run.LocalExecutor(ntasks_per_node=8, launcher="torchrun"))
