@@ -23,10 +23,14 @@ name listed in ``CLI_MODELS``, ``<model>_tiedlora``, under ``llm.finetune``. NeM
 command loads ``workspace.py`` from the working directory, so a one-line
 ``import tiedlora.integrations.nemo_recipes`` there makes them available::
 
-    nemo llm finetune --factory llama2_7b_tiedlora peft.preset=tl1 peft.rank=32
+    nemo llm finetune --factory "llama2_7b_tiedlora(preset=tl1, rank=32)" --dryrun
+
+The adapter is chosen through the factory's arguments (``preset``, ``rank``): NeMo-run's parser
+does not read ``peft.preset=...`` overrides ("Unsupported type: Optional[str]": TiedLoRA's field
+annotations are strings). This module has no ``from __future__ import annotations`` for the
+same reason: the factories' annotations must be real types.
 """
 
-from __future__ import annotations
 
 import importlib
 from typing import Any, Dict, List, Optional
