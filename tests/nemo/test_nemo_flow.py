@@ -11,6 +11,10 @@ Run with ``.ci/nemo-tests`` (marker ``nemo``). One process per stage (worker: fl
 Steps 3-4 of the resumed run must repeat the uninterrupted run's losses and end with the
 same adapter, bit for bit (same CPU, same op order). The final adapter is also exported as
 a Hugging Face PEFT LoRA, checked against ΔW computed here from the tiedlora file.
+
+4. beside stage 3 (merge_worker.py): the final checkpoint of stage 2 merged into a full NeMo 2
+   checkpoint (``tiedlora.integrations.nemo_merge``), restored by NeMo as a plain model and
+   compared with the adapted model; bad inputs to the merge.
 """
 
 from __future__ import annotations
@@ -49,9 +53,14 @@ def flow(tmp_path_factory):
     base_ckpt = [c for c in base["checkpoints"] if c.endswith("-last")]
     assert len(base_ckpt) == 1, base["checkpoints"]
     whole = _stage("finetune", base_ckpt[0], str(d / "whole"), str(STEPS))
-    _stage("finetune", base_ckpt[0], str(d / "resumed"), str(HALF))
-    resumed = _stage("finetune", base_ckpt[0], str(d / "resumed"), str(STEPS))
-    return {"dir": d, "whole": whole, "resumed": resumed}
+    merge = _start_merge(d, base_ckpt[0], whole)  # runs beside the two resumed stages
+    try:
+        _stage("finetune", base_ckpt[0], str(d / "resumed"), str(HALF))
+        resumed = _stage("finetune", base_ckpt[0], str(d / "resumed"), str(STEPS))
+    except BaseException:
+        merge["proc"].kill()
+        raise
+    return {"dir": d, "whole": whole, "resumed": resumed, "merge": merge}
 
 
 def _adapter(path: Path) -> dict:
@@ -143,20 +152,32 @@ MERGE_WORKER = Path(__file__).resolve().parent / "merge_worker.py"
 TINY = dict(layers=2, hidden=64, ffn=176, heads=4)  # flow_worker.model()
 
 
+def _start_merge(d: Path, base: str, whole: dict) -> dict:
+    """Start merge_worker.py on the uninterrupted run's final checkpoint (a process; see ``merged``)."""
+    adapter = [c for c in whole["checkpoints"] if c.endswith("-last")]
+    assert len(adapter) == 1, whole["checkpoints"]
+    out = d / "merge"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    log = open(out / "worker.log", "w")
+    proc = subprocess.Popen([sys.executable, str(MERGE_WORKER), adapter[0], base, str(out)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return {"proc": proc, "log": log, "out": out, "adapter": Path(adapter[0]), "base": Path(base)}
+
+
 @pytest.fixture(scope="module")
 def merged(flow):
-    d = flow["dir"]
-    adapter = [c for c in flow["whole"]["checkpoints"] if c.endswith("-last")]
-    base = [c for c in json.loads((d / "base" / "result.json").read_text())["checkpoints"] if c.endswith("-last")]
-    assert len(adapter) == 1 and len(base) == 1, (adapter, base)
-    out = d / "merge"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run([sys.executable, str(MERGE_WORKER), adapter[0], base[0], str(out)], env=env,
-                         capture_output=True, text=True, timeout=STAGE_TIMEOUT)
-    if res.returncode != 0:
-        raise AssertionError(f"merge_worker.py failed:\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}")
-    result = torch.load(out / "result.pt", weights_only=False)
-    result.update(dir=out, adapter_ckpt=Path(adapter[0]), base_ckpt=Path(base[0]))
+    m = flow["merge"]
+    try:
+        rc = m["proc"].wait(timeout=STAGE_TIMEOUT)
+    finally:
+        if m["proc"].poll() is None:
+            m["proc"].kill()
+        m["log"].close()
+    if rc != 0:
+        raise AssertionError(f"merge_worker.py failed (exit {rc}):\n{(m['out'] / 'worker.log').read_text()[-8000:]}")
+    result = torch.load(m["out"] / "result.pt", weights_only=False)
+    result.update(dir=m["out"], adapter_ckpt=m["adapter"], base_ckpt=m["base"])
     return result
 
 
