@@ -162,7 +162,7 @@ def _start_merge(d: Path, base: str, whole: dict) -> dict:
     log = open(out / "worker.log", "w")
     proc = subprocess.Popen([sys.executable, str(MERGE_WORKER), adapter[0], base, str(out)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
-    return {"proc": proc, "log": log, "out": out, "adapter": Path(adapter[0]), "base": Path(base)}
+    return {"proc": proc, "log": log, "out": out}
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +176,7 @@ def merged(flow):
         m["log"].close()
     if rc != 0:
         raise AssertionError(f"merge_worker.py failed (exit {rc}):\n{(m['out'] / 'worker.log').read_text()[-8000:]}")
-    result = torch.load(m["out"] / "result.pt", weights_only=False)
-    result.update(dir=m["out"], adapter_ckpt=m["adapter"], base_ckpt=m["base"])
-    return result
+    return torch.load(m["out"] / "result.pt", weights_only=False)
 
 
 @pytest.mark.nemo
