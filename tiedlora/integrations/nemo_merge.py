@@ -88,7 +88,8 @@ def inspect_adapter_checkpoint(adapter: Path | str, base: Optional[Path | str] =
     cfg = io.load_context(context, subpath="model.model_transform", build=False)
     target = getattr(cfg, "__fn_or_cls__", None)
     if target is None or not (isinstance(target, type) and issubclass(target, TiedLoRA)):
-        name = "nothing" if target is None else f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+        name = ("nothing" if target is None
+                else f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}")
         hint = (" NeMo's own LoRA checkpoints merge with nemo.collections.llm.peft.merge_lora."
                 if name.startswith("nemo.") else "")
         raise AdapterCheckpointError(
