@@ -225,8 +225,8 @@ def save_merged(trainer, output: Path | str) -> Path:
     model = trainer.model
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model.tokenizer, AutoTokenizer):
-            # NeMo's merge does the same: a Hugging Face tokenizer is saved again so that the
-            # new context carries its files rather than paths into the adapter checkpoint.
+            # As NeMo's merge_lora does: a Hugging Face tokenizer is saved again and reloaded, and
+            # io_dump copies its files into OUTPUT/context (so the temporary folder may go).
             model.tokenizer.save_pretrained(tmp)
             model.tokenizer = AutoTokenizer(tmp)
         if hasattr(model, "__io__") and hasattr(model.tokenizer, "__io__"):
@@ -244,8 +244,7 @@ def merge_adapter(adapter: Path | str, output: Path | str, base: Optional[Path |
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"--output {output}: already exists; choose a new path")
-    inspect_adapter_checkpoint(adapter, base)  # fail on a bad input before NeMo sets anything up
-    trainer, _ = load_adapted_model(adapter, base)
+    trainer, _ = load_adapted_model(adapter, base)  # checks the input first (inspect_adapter_checkpoint)
     fold_adapters_(trainer.model)
     return save_merged(trainer, output)
 
