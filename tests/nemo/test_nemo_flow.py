@@ -11,6 +11,10 @@ Run with ``.ci/nemo-tests`` (marker ``nemo``). One process per stage (worker: fl
 Steps 3-4 of the resumed run must repeat the uninterrupted run's losses and end with the
 same adapter, bit for bit (same CPU, same op order). The final adapter is also exported as
 a Hugging Face PEFT LoRA, checked against ΔW computed here from the tiedlora file.
+
+4. beside stage 3 (merge_worker.py): the final checkpoint of stage 2 merged into a full NeMo 2
+   checkpoint (``tiedlora.integrations.nemo_merge``), restored by NeMo as a plain model and
+   compared with the adapted model; bad inputs to the merge.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from numerics import Net, assert_close, bound, error, forward_terms
 
 WORKER = Path(__file__).resolve().parent / "flow_worker.py"
 STEPS, HALF = 4, 2
@@ -47,9 +53,14 @@ def flow(tmp_path_factory):
     base_ckpt = [c for c in base["checkpoints"] if c.endswith("-last")]
     assert len(base_ckpt) == 1, base["checkpoints"]
     whole = _stage("finetune", base_ckpt[0], str(d / "whole"), str(STEPS))
-    _stage("finetune", base_ckpt[0], str(d / "resumed"), str(HALF))
-    resumed = _stage("finetune", base_ckpt[0], str(d / "resumed"), str(STEPS))
-    return {"dir": d, "whole": whole, "resumed": resumed}
+    merge = _start_merge(d, base_ckpt[0], whole)  # runs beside the two resumed stages
+    try:
+        _stage("finetune", base_ckpt[0], str(d / "resumed"), str(HALF))
+        resumed = _stage("finetune", base_ckpt[0], str(d / "resumed"), str(STEPS))
+    except BaseException:
+        merge["proc"].kill()
+        raise
+    return {"dir": d, "whole": whole, "resumed": resumed, "merge": merge}
 
 
 def _adapter(path: Path) -> dict:
@@ -131,3 +142,104 @@ def test_export_to_hf_peft_equals_tiedlora_delta(flow):
         for m, expected in zip(("q_proj", "k_proj", "v_proj"), split_qkv(delta, model_cfg)):
             got = state[f"{p}.{m}.lora_B.weight"] @ state[f"{p}.{m}.lora_A.weight"]
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=lambda msg: f"{p}.{m}: {msg}")
+
+
+# ------------------------------------------------------------ merge into a NeMo 2 checkpoint
+# merge_worker.py merges the uninterrupted run's final adapter checkpoint with
+# tiedlora.integrations.nemo.merge_adapter, restores the result as a plain NeMo model and
+# compares it with the adapted model on fixed tokens; it also feeds merge_adapter bad inputs.
+MERGE_WORKER = Path(__file__).resolve().parent / "merge_worker.py"
+TINY = dict(layers=2, hidden=64, ffn=176, heads=4)  # flow_worker.model()
+
+
+def _start_merge(d: Path, base: str, whole: dict) -> dict:
+    """Start merge_worker.py on the uninterrupted run's final checkpoint (a process; see ``merged``)."""
+    adapter = [c for c in whole["checkpoints"] if c.endswith("-last")]
+    assert len(adapter) == 1, whole["checkpoints"]
+    out = d / "merge"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    log = open(out / "worker.log", "w")
+    proc = subprocess.Popen([sys.executable, str(MERGE_WORKER), adapter[0], base, str(out)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return {"proc": proc, "log": log, "out": out}
+
+
+@pytest.fixture(scope="module")
+def merged(flow):
+    m = flow["merge"]
+    try:
+        rc = m["proc"].wait(timeout=STAGE_TIMEOUT)
+    finally:
+        if m["proc"].poll() is None:
+            m["proc"].kill()
+        m["log"].close()
+    if rc != 0:
+        raise AssertionError(f"merge_worker.py failed (exit {rc}):\n{(m['out'] / 'worker.log').read_text()[-8000:]}")
+    return torch.load(m["out"] / "result.pt", weights_only=False)
+
+
+@pytest.mark.nemo
+def test_merge_reads_the_trained_adapter_from_the_nemo_checkpoint(flow, merged):
+    """The TiedLoRA recorded in the checkpoint's context is rebuilt and its tensors loaded, tied ones included."""
+    trained = _adapter(flow["dir"] / "whole" / f"adapter_end_{STEPS}.safetensors")
+    assert merged["preset"] == "tl6"
+    assert set(merged["adapter"]) == set(trained)
+    for key, t in trained.items():
+        torch.testing.assert_close(merged["adapter"][key], t, **EXACT, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.nemo
+def test_merged_checkpoint_is_the_base_plus_delta_and_nothing_else(flow, merged):
+    """qkv weights are base + ΔW (ΔW = s·diag(v) B diag(u) A of the trained adapter file); the rest is the base."""
+    from tiedlora.checkpoint import load_adapter
+
+    base, out, deltas = merged["base_weights"], merged["merged_weights"], merged["delta"]
+    assert set(out) == set(base) and deltas
+    assert not any("adapter" in k for k in out), sorted(out)
+    tensors, cfg, _ = load_adapter(flow["dir"] / "whole" / f"adapter_end_{STEPS}.safetensors")
+    A, B = tensors["tied.linear_qkv.A"], tensors["tied.linear_qkv.B"]
+    for key in base:
+        if key not in deltas:
+            torch.testing.assert_close(out[key], base[key], **EXACT, msg=lambda m: f"{key}: {m}")
+            continue
+        layer = int(key.split("layers.")[1].split(".")[0])
+        u, v = tensors[f"layers.{layer}.linear_qkv.u"], tensors[f"layers.{layer}.linear_qkv.v"]
+        expected = (cfg.alpha / cfg.rank) * v[:, None] * (B @ (u[:, None] * A))
+        assert expected.abs().max() > 0
+        assert_close(deltas[key], expected, cfg.rank + 3, f"ΔW of {key}")  # r-term sum, 3 products
+        torch.testing.assert_close(out[key], base[key] + deltas[key], **EXACT, msg=lambda m: f"{key}: {m}")
+    assert sorted(deltas) == [f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(2)]
+
+
+@pytest.mark.nemo
+def test_merged_checkpoint_restores_as_a_plain_model_with_the_adapted_logits(merged):
+    """NeMo restores OUTPUT as a model without PEFT whose logits are the adapted model's (fp32 rounding)."""
+    assert merged["merged_transform"] == "None"
+    assert not merged["merged_yaml_has_peft"]
+    assert "TiedLoRALinear" not in merged["merged_modules"] and "ColumnParallelLinear" in merged["merged_modules"]
+    ref = merged["adapted_logits"]  # (batch, seq, padded vocab)
+    terms = forward_terms(Net(**TINY, seq=ref.shape[1], vocab=ref.shape[-1], rank=4))
+    assert_close(merged["folded_logits"], ref, terms, "logits of the folded model (before saving)")
+    assert_close(merged["merged_logits"], ref, terms, "logits of the merged checkpoint restored by NeMo")
+    # teeth: the base alone (a merge that added nothing) is far outside the bound
+    assert error(merged["base_logits"], ref) > 10 * bound(ref, terms)
+
+
+@pytest.mark.nemo
+@pytest.mark.parametrize("case,kind,words", [
+    ("full_model", "AdapterCheckpointError", "not an adapter checkpoint"),
+    ("not_a_checkpoint", "AdapterCheckpointError", "not a NeMo 2 checkpoint"),
+    ("nemo_lora", "AdapterCheckpointError", "nemo.collections.llm.peft.lora.LoRA"),
+    ("missing_base", "FileNotFoundError", "does not exist; pass the base's new place with --base"),
+    ("missing_base_arg", "FileNotFoundError", "no such base checkpoint"),
+    ("no_dir", "FileNotFoundError", "no such checkpoint directory"),
+])
+def test_merge_refuses_bad_input_naming_the_path(merged, case, kind, words):
+    got = merged["errors"][case]
+    assert got[0] == kind, got
+    message, path = got[1], got[-1]
+    assert words in message, message
+    assert (path in message) or (case == "missing_base_arg" and "no_such_base_either" in message), message
+    if case == "nemo_lora":
+        assert "merge_lora" in message
