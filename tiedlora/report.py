@@ -258,10 +258,8 @@ def _job_dir(job: dict, sweep_dir: Path) -> Path:
     """A planned job's output folder: where the manifest says, or, when the sweep folder was
     moved or copied (e.g. into a repository), the folder of that name beside the manifest."""
     out = Path(job["output_dir"])
-    if out.exists():
-        return out
-    moved = sweep_dir / out.name
-    return moved if moved.exists() else out
+    beside = sweep_dir / out.name  # a copy's own runs first, even while the original exists
+    return beside if beside.exists() else out
 
 
 def _job_identity(job: dict, out: Path) -> Tuple[str, str, str, Optional[int]]:
