@@ -30,7 +30,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,29 @@ def adapter_delta(adapter) -> torch.Tensor:
 
 
 @torch.no_grad()
+def fold_wrapped_(chunk: nn.Module, wrapper: type, base_attr: str) -> List[Tuple[str, nn.Module]]:
+    """Fold the ΔW of every ``wrapper`` module of ``chunk`` into the weight of the linear it wraps
+    (``getattr(module, base_attr)``), in fp32 with one rounding to the weight's dtype, and put
+    that linear back in the wrapper's place; drop the chunk's tied-factor owner and PEFT config.
+    Returns (name, wrapper) of each folded module. Shared by tiedlora's own merge and the NeMo
+    merge, whose wrappers differ only in class and attribute name."""
+    folded = []
+    for name, mod in [(n, m) for n, m in chunk.named_modules() if isinstance(m, wrapper)]:
+        weight = getattr(mod, base_attr).weight
+        delta = adapter_delta(mod.adapter)
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise RuntimeError(f"{name}: ΔW shard {tuple(delta.shape)} != weight shard {tuple(weight.shape)}")
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        parent_name, attr = name.rsplit(".", 1)
+        setattr(chunk.get_submodule(parent_name), attr, getattr(mod, base_attr))
+        folded.append((name, mod))
+    for attr in ("tied_adapters", "peft_config"):
+        if hasattr(chunk, attr):
+            delattr(chunk, attr)
+    return folded
+
+
+@torch.no_grad()
 def merge_adapters_(chunks: List[nn.Module] | nn.Module) -> List[str]:
     """Fold every adapter into its base weight, in place, and unwrap the adapted linears.
 
@@ -63,22 +86,8 @@ def merge_adapters_(chunks: List[nn.Module] | nn.Module) -> List[str]:
     from tiedlora.peft.layer import AdaptedLinear
 
     chunks = chunks if isinstance(chunks, list) else [chunks]
-    merged = []
-    for chunk in chunks:
-        wrapped = [(n, m) for n, m in chunk.named_modules() if isinstance(m, AdaptedLinear)]
-        for name, mod in wrapped:
-            weight = mod.base.weight
-            delta = adapter_delta(mod.adapter)
-            if tuple(delta.shape) != tuple(weight.shape):
-                raise RuntimeError(f"{name}: ΔW shard {tuple(delta.shape)} != weight shard {tuple(weight.shape)}")
-            weight.add_(delta.to(weight.device, weight.dtype))
-            parent_name, attr = name.rsplit(".", 1)
-            setattr(chunk.get_submodule(parent_name), attr, mod.base)
-            merged.append(layer_name(mod.adapter.layer_number - 1, mod.adapter.target))
-        for attr in ("tied_adapters", "peft_config"):
-            if hasattr(chunk, attr):
-                delattr(chunk, attr)
-    return merged
+    return [layer_name(mod.adapter.layer_number - 1, mod.adapter.target)
+            for chunk in chunks for _, mod in fold_wrapped_(chunk, AdaptedLinear, "base")]
 
 
 # ------------------------------------------------------------------ adapter checks

@@ -187,24 +187,10 @@ def fold_adapters_(model: nn.Module) -> List[str]:
     rounding to the weight's dtype). Afterwards the model holds no adapter tensor, no tied-factor
     owner and no wrapper. Returns the names of the weights that changed.
     """
-    from tiedlora.merge import adapter_delta
+    from tiedlora.merge import fold_wrapped_
 
-    merged = []
-    for chunk in mcore_chunks(model):
-        wrapped = [(n, m) for n, m in chunk.named_modules() if isinstance(m, TiedLoRALinear)]
-        for name, mod in wrapped:
-            weight = mod.to_wrap.weight
-            delta = adapter_delta(mod.adapter)
-            if tuple(delta.shape) != tuple(weight.shape):
-                raise RuntimeError(f"{name}: ΔW {tuple(delta.shape)} != weight {tuple(weight.shape)}")
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
-            parent, attr = name.rsplit(".", 1)
-            setattr(chunk.get_submodule(parent), attr, mod.to_wrap)
-            merged.append(f"{name}.weight")
-        for attr in ("tied_adapters", "peft_config"):
-            if hasattr(chunk, attr):
-                delattr(chunk, attr)
-    return merged
+    return [f"{name}.weight" for chunk in mcore_chunks(model)
+            for name, _ in fold_wrapped_(chunk, TiedLoRALinear, "to_wrap")]
 
 
 def save_merged(trainer, output: Path | str) -> Path:
