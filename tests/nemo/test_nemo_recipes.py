@@ -62,9 +62,10 @@ def test_recipe_passes_adapter_fields():
     from tiedlora.integrations.nemo_recipes import finetune_recipe
 
     recipe = finetune_recipe(MODEL, preset="vera", rank=32, target_modules=["linear_qkv", "linear_fc1"],
-                             alpha=64, **RECIPE_ARGS)
+                             alpha=64, dropout=0.1, dropout_position="post", **RECIPE_ARGS)
     cfg = fdl.build(recipe.peft).peft_config
     assert (cfg.name, cfg.rank, cfg.alpha, cfg.target_modules) == ("vera", 32, 64, ["linear_qkv", "linear_fc1"])
+    assert (cfg.dropout, cfg.dropout_position) == (0.1, "post")
     assert not cfg.A.trainable and cfg.A.tied and cfg.u.trainable
 
 

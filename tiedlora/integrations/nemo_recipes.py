@@ -55,7 +55,7 @@ def peft_config(preset: Optional[str] = "tl6", **fields: Any):
 
 def finetune_recipe(model: str = "llama2_7b", preset: Optional[str] = "tl6", rank: Optional[int] = None,
                     alpha: Optional[float] = None, dropout: Optional[float] = None,
-                    target_modules: Optional[List[str]] = None, seed: Optional[int] = None,
+                    dropout_position: Optional[str] = None, target_modules: Optional[List[str]] = None, seed: Optional[int] = None,
                     A: Optional[Dict[str, Any]] = None, B: Optional[Dict[str, Any]] = None,
                     u: Optional[Dict[str, Any]] = None, v: Optional[Dict[str, Any]] = None,
                     **recipe_kwargs: Any):
@@ -80,8 +80,8 @@ def finetune_recipe(model: str = "llama2_7b", preset: Optional[str] = "tl6", ran
     if not hasattr(module, "finetune_recipe"):
         raise ValueError(f"finetune_recipe(model={model!r}): nemo.collections.llm.recipes.{model} has no "
                          "finetune_recipe")
-    peft = peft_config(preset, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, seed=seed,
-                       A=A, B=B, u=u, v=v)
+    peft = peft_config(preset, rank=rank, alpha=alpha, dropout=dropout, dropout_position=dropout_position,
+                       target_modules=target_modules, seed=seed, A=A, B=B, u=u, v=v)
     recipe = module.finetune_recipe(peft_scheme="lora", **recipe_kwargs)
     recipe.peft = peft
     recipe.model.config.transformer_layer_spec = local_layer_spec

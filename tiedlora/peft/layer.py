@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiedlora.config import DROPOUT_POSITIONS
+
 
 class TiedLoRAAdapter(nn.Module):
     """Computes ΔW·x for one adapted linear layer.
@@ -66,8 +68,8 @@ class TiedLoRAAdapter(nn.Module):
         super().__init__()
         if mode not in ("column", "row"):
             raise ValueError(f"mode={mode!r}: expected column or row")
-        if dropout_position not in ("pre", "post"):
-            raise ValueError(f"dropout_position={dropout_position!r}: expected pre or post")
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(f"dropout_position={dropout_position!r}: expected one of {list(DROPOUT_POSITIONS)}")
         self.mode = mode
         self.target = target
         self.layer_number = layer_number  # global, 1-based (megatron's TransformerLayer numbering)
