@@ -255,8 +255,9 @@ def _yaml_choices(path: Path) -> Dict[str, str]:
 
 
 def _job_dir(job: dict, sweep_dir: Path) -> Path:
-    """A planned job's output folder: where the manifest says, or, when the sweep folder was
-    moved or copied (e.g. into a repository), the folder of that name beside the manifest."""
+    """A planned job's output folder: the folder of that name beside the manifest (the same
+    place unless the sweep folder was moved or copied, e.g. into a repository, and then the
+    copy's own run even while the original exists), else where the manifest says."""
     out = Path(job["output_dir"])
     beside = sweep_dir / out.name  # a copy's own runs first, even while the original exists
     return beside if beside.exists() else out
