@@ -157,6 +157,9 @@ def test_a_copied_sweep_folder_reports_the_same(sweep, tmp_path, monkeypatch):
     here = report.write_report(sweep, tmp_path / "here", figures=False)
     moved = tmp_path / "elsewhere" / "sweep"
     shutil.copytree(sweep, moved)
+    both = report.write_report(moved, tmp_path / "both", figures=False)  # the original still there
+    assert [(m.task, m.preset, m.rank, m.status) for m in both["missing"]] == \
+        [(m.task, m.preset, m.rank, m.status) for m in here["missing"]]
     shutil.rmtree(sweep)
     there = report.write_report(moved, tmp_path / "there", figures=False)
     assert [(m.task, m.preset, m.rank, m.status) for m in there["missing"]] == \
