@@ -104,6 +104,16 @@ def main(argv=None) -> int:
     wait([lr_dir])
 
     chosen = best_rates([lr_dir], a.lr_rank)
+    if not chosen:
+        from tiedlora.report import load_results
+
+        n = len(load_results([lr_dir]))
+        why = ("validation is off (trainer.val_check_interval=0 in the overrides)"
+               if any(o.replace(" ", "") == "trainer.val_check_interval=0" for o in extra)
+               else "see the runs' logs under that folder")
+        print(f"error: the lr phase in {lr_dir} has {n} runs with results but none at rank {a.lr_rank} with a "
+              f"validation loss, so no rate can be chosen: {why}", file=sys.stderr)
+        return 2
     top = max(float(x) for x in a.lrs.split(","))
     up = sorted({(t, pr) for (t, pr), (lr, _) in chosen.items() if lr == top})
     print(f"[2/4] best rate at the top ({top:g}) for {len(up)} (task, preset) pairs: {up or 'none'}", flush=True)

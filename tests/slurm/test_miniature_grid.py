@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slurm
 
 def test_miniature_grid_lr_phase_grid_and_report(tiny, tmp_path):
     root = tmp_path / "grid"
+    # validation on (FAST turns it off): the rates are chosen on validation loss
     overrides = [*tiny["model"], *[a for a in TINY_TASK if not a.startswith("task=")], *FAST,
-                 "trainer.max_steps=3"]
+                 "trainer.max_steps=3", "trainer.val_check_interval=3"]
     res = subprocess.run([sys.executable, "launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa",
                           "--presets", "lora,tl6", "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8",
                           "--lrs", "1e-3,1e-2", "--", *overrides],
@@ -45,3 +46,16 @@ def test_miniature_grid_lr_phase_grid_and_report(tiny, tmp_path):
                             "--lrs", "1e-3,1e-2", "--", *overrides],
                            cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("submitted before, not again") >= 3, again.stdout
+
+
+def test_miniature_grid_refuses_to_choose_rates_without_validation(tiny, tmp_path):
+    root = tmp_path / "grid"
+    overrides = [*tiny["model"], *[a for a in TINY_TASK if not a.startswith("task=")], *FAST,
+                 "trainer.max_steps=2"]
+    res = subprocess.run([sys.executable, "launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa",
+                          "--presets", "lora", "--ranks", "4", "--lr-rank", "4", "--seeds", "7",
+                          "--lrs", "1e-3", "--", *overrides],
+                         cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "trainer.val_check_interval=0" in res.stderr and "1 runs with results" in res.stderr, res.stderr
+    assert not (root / "grid").exists() and not (root / "report").exists()
