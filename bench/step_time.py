@@ -11,7 +11,7 @@ fine-tuning step is printed for scale. Configurations are interleaved round by r
 the median of each is reported, so machine noise hits all of them alike.
 
 Targets (docs/design.md, 'Performance targets'; r=8 / r=128, QKV): every tied preset
-≤ 1.05× / ≤ 1.10× the floor and within 5% of LoRA at the same rank.
+≤ 1.03× / ≤ 1.06× the floor. ``bench/vs_peft.py`` adds Hugging Face's floor and PEFT.
 """
 
 from __future__ import annotations

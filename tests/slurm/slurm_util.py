@@ -49,12 +49,18 @@ def job_records(job_id: str) -> Dict[str, Dict[str, str]]:
     return out
 
 
+# A few seconds, not "now": slurmd revokes the previous run's job credential at the requeue,
+# with one-second resolution, so a restart in the same second is killed ("Killing
+# non-startable batch JobId=N: Job credential revoked") and the job ends FAILED.
+RESTART_SOON = "StartTime=now+3"
+
+
 def wait_jobs(job_ids: Iterable[str], timeout: float = JOB_TIMEOUT,
               on_pending_requeue: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, str]]:
-    """Wait until every job (and array task) has ended; requeued jobs are started at once.
+    """Wait until every job (and array task) has ended; requeued jobs are started within seconds.
 
     A requeued job waits ~2 minutes (BeginTime) before it may run again; ``on_pending_requeue``
-    (default: ``scontrol update StartTime=now``) shortens that.
+    (default: ``scontrol update`` with :data:`RESTART_SOON`) shortens that.
     """
     ids = [str(j) for j in job_ids]
     deadline = time.time() + timeout
@@ -66,7 +72,7 @@ def wait_jobs(job_ids: Iterable[str], timeout: float = JOB_TIMEOUT,
         for k, r in active.items():
             if r.get("JobState") == "PENDING" and r.get("Reason") == "BeginTime":
                 (on_pending_requeue or (lambda jid: subprocess.run(
-                    ["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=False)))(r["JobId"])
+                    ["scontrol", "update", f"JobId={jid}", RESTART_SOON], check=False)))(r["JobId"])
         if recs and not active:
             return recs
         if time.time() > deadline:

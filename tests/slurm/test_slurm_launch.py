@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slurm_util import ROOT, job_records, logs, manifest, submit, submitted_ids, wait_jobs
+from slurm_util import RESTART_SOON, ROOT, job_records, logs, manifest, submit, submitted_ids, wait_jobs
 
 pytestmark = pytest.mark.slurm
 
@@ -100,7 +100,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(
     subprocess.run(["scontrol", "update", f"JobId={jid}", f"TimeLimit={limit_min}"], check=True)
 
     def restart_now(job):  # the rerun gets its long time limit back and starts at once
-        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now"], check=False)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", RESTART_SOON], check=False)
 
     rec = wait_jobs([jid], timeout=360, on_pending_requeue=restart_now)[jid]
     text = logs(sweep)
