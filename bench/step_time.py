@@ -3,6 +3,7 @@
     python bench/step_time.py                      # 134M LLaMA-style model, CPU
     python bench/step_time.py --tiny --rounds 2    # seconds; a smoke run
     python bench/step_time.py --presets lora,tl6 --ranks 8,128 --targets linear_qkv
+    python bench/step_time.py --seq 1024 --batch 1 --presets tl6 --ranks 8 --no-full
 
 The *floor* is what every adapter method pays: a forward and backward pass through the
 frozen base (activation gradients all the way down, no weight gradients). Each preset's
@@ -90,11 +91,15 @@ def main() -> None:
     ap.add_argument("--ranks", default="8,128")
     ap.add_argument("--targets", default="linear_qkv")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's, 256 / 64 tiny)")
     ap.add_argument("--rounds", type=int, default=5, help="timed steps per configuration")
     ap.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference")
     args = ap.parse_args()
 
-    model_cfg = ModelConfig(**(TINY if args.tiny else LLAMA_134M))
+    base = dict(TINY if args.tiny else LLAMA_134M)
+    if args.seq:
+        base["seq_length"] = args.seq
+    model_cfg = ModelConfig(**base)
     seq = model_cfg.seq_length
     init_distributed(ParallelConfig(), seed=0)
     configs = [("floor", None, 0)] + ([] if args.no_full else [("full", None, 0)])

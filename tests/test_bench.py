@@ -11,13 +11,14 @@ from helpers import ROOT
 
 def test_step_time_bench_smoke():
     res = subprocess.run([sys.executable, "bench/step_time.py", "--tiny", "--rounds", "1",
-                          "--presets", "lora,tl6", "--ranks", "8", "--no-full"],
+                          "--presets", "lora,tl6", "--ranks", "8", "--no-full", "--seq", "32", "--batch", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {line.split()[0] + " " + line.split()[1]: line for line in res.stdout.splitlines()
             if line.startswith(("lora", "tl6"))}
     assert set(rows) == {"lora r=8", "tl6 r=8"}
     assert "floor" in res.stdout and "÷ floor" in res.stdout
+    assert "batch=2 seq=32 " in res.stdout, res.stdout
 
 
 @pytest.mark.slow  # 4 fresh processes (torch + megatron / transformers imports): minutes on a busy CPU

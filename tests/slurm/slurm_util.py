@@ -64,13 +64,17 @@ def wait_jobs(job_ids: Iterable[str], timeout: float = JOB_TIMEOUT,
     """
     ids = [str(j) for j in job_ids]
     deadline = time.time() + timeout
+    restarted: set = set()
     while True:
         recs = {}
         for j in ids:
             recs.update(job_records(j))
         active = {k: r for k, r in recs.items() if r.get("JobState") not in FINAL}
         for k, r in active.items():
-            if r.get("JobState") == "PENDING" and r.get("Reason") == "BeginTime":
+            # once per requeue: StartTime=now+3 sent every second would never arrive
+            if (r.get("JobState") == "PENDING" and r.get("Reason") == "BeginTime"
+                    and (k, r.get("Restarts")) not in restarted):
+                restarted.add((k, r.get("Restarts")))
                 (on_pending_requeue or (lambda jid: subprocess.run(
                     ["scontrol", "update", f"JobId={jid}", RESTART_SOON], check=False)))(r["JobId"])
         if recs and not active:
