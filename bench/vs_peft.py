@@ -1,6 +1,6 @@
 """Ours against Hugging Face PEFT: step time and peak memory on one LLaMA-style model, side by side.
 
-    python bench/vs_peft.py                                    # the full grid below (CPU, ~hours)
+    python bench/vs_peft.py                                    # the full grid below (CPU, ~1 hour)
     python bench/vs_peft.py --seqs 256,1024 --ranks 8 --rounds 3
     python bench/vs_peft.py --layers 2 --seqs 128 --ranks 8 --rounds 1 --steps 1   # minutes
     python bench/vs_peft.py --tiny --methods hf-lora,tl6 --rounds 1 --steps 1      # a smoke run
@@ -21,13 +21,17 @@ Configurations per sequence length s (batch ``--tokens`` / s, at least 1: 4×256
     hf-lora, hf-vera       Hugging Face PEFT LoRA / VeRA at each rank
     lora, vera, tl3, tl6   our presets (conf/peft/*.yaml) at each rank
 
-Timing: configurations are interleaved round by round (round k runs every configuration
-once, in an order rotated each round), so drift and other load on the machine hit all of
-them alike. Each run is a fresh process (build, ``--warmup`` untimed steps, ``--steps``
-timed steps; its time is the median of its steps), so its peak resident memory
-(``ru_maxrss``, imports included) is its own. The table reports, per configuration, the
-median over rounds of the step time, the ratios to our floor, to Hugging Face's floor and
-to Hugging Face PEFT LoRA at the same rank, and the largest peak RSS over rounds.
+Timing: one process per sequence length builds every configuration side by side and
+interleaves their steps round by round (round k runs ``--steps`` timed steps of every
+configuration, in an order rotated each round, after ``--warmup`` untimed ones), so drift and
+other load on the machine hit all of them alike; a configuration's time is the median of its
+timed steps, and ``spread`` is their interquartile range over that median. (Fresh processes
+per timed run were tried first: on a shared VM the same configuration's time moved by up to
+30% between processes, more than the differences to be measured.) Peak resident memory
+(``ru_maxrss``, imports included) is measured separately, each configuration in its own
+fresh process running ``--warmup`` + 1 steps. The table reports, per configuration, the
+step time, the ratios to our floor, to Hugging Face's floor and to Hugging Face PEFT LoRA at
+the same rank, and the peak RSS.
 
 Targets (CPU, 2 threads, fp32), checked at the end of the output: our floor ≤ 1.02× HF's
 floor; each tied preset ≤ 1.03× our floor at r=8 and ≤ 1.06× at r=128; TL6 r=8 ≤ HF
@@ -56,7 +60,7 @@ HF = ("hf-lora", "hf-vera")
 ALL_METHODS = ("hf-floor", "ours-floor") + HF + OURS
 
 
-# ------------------------------------------------------------------ worker (one run)
+# ------------------------------------------------------------------ workers
 
 def _hf_step(spec: dict):
     import torch
@@ -137,34 +141,62 @@ def _ours_step(spec: dict):
     return training_step(model, params, x, pos, y)
 
 
-def worker(spec: dict) -> dict:
+def _build(spec: dict):
+    build = _hf_step if spec["method"].startswith("hf-") else _ours_step
+    return build(spec)
+
+
+def worker_time(spec: dict) -> dict:
+    """Every configuration of one sequence length in this process, steps interleaved."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    build = _hf_step if spec["method"].startswith("hf-") else _ours_step
-    step, trainable = build(spec)
-    for _ in range(spec["warmup"]):
+    steps, trainable = {}, {}
+    for m, r in spec["configs"]:
+        key = _label(m, r)
+        steps[key], trainable[key] = _build({**spec, "method": m, "rank": r})
+        for _ in range(spec["warmup"]):
+            steps[key]()
+    keys = list(steps)
+    times = {k: [] for k in keys}
+    for rnd in range(spec["rounds"]):
+        k0 = rnd % len(keys)
+        for key in keys[k0:] + keys[:k0]:
+            for _ in range(spec["steps"]):
+                t0 = time.perf_counter()
+                steps[key]()
+                times[key].append(time.perf_counter() - t0)
+        print(f"  seq={spec['seq']} round {rnd + 1}/{spec['rounds']}: "
+              + ", ".join(f"{k} {1000 * times[k][-1]:.0f}" for k in keys) + " ms",
+              file=sys.stderr, flush=True)
+    return {k: {"times": times[k], "trainable": trainable[k]} for k in keys}
+
+
+def worker_memory(spec: dict) -> dict:
+    """One configuration alone in a fresh process: its peak resident memory."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    step, trainable = _build(spec)
+    for _ in range(spec["warmup"] + 1):
         step()
-    times = []
-    for _ in range(spec["steps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "trainable": trainable,
+    return {"trainable": trainable,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 # ------------------------------------------------------------------ driver
 
-def _run(spec: dict) -> dict:
+def _run(mode: str, spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore",
            "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                         capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run([sys.executable, __file__, f"--worker-{mode}", json.dumps(spec)], env=env,
+                         stdout=subprocess.PIPE, stderr=None if mode == "time" else subprocess.PIPE,
+                         text=True, cwd=ROOT)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
-        raise SystemExit(f"[vs_peft] {spec['method']} r={spec['rank']} seq={spec['seq']} failed "
-                         f"(exit {res.returncode}):\n{res.stderr[-4000:]}")
+        what = f"seq={spec['seq']}" + ("" if mode == "time" else f" {_label(spec['method'], spec['rank'])}")
+        raise SystemExit(f"[vs_peft] {mode} run {what} failed (exit {res.returncode})"
+                         + (f":\n{res.stderr[-4000:]}" if res.stderr else ""))
     return json.loads(lines[-1])
 
 
@@ -180,15 +212,17 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"subset of {','.join(ALL_METHODS)} (the floors are always run)")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per step: batch = max(1, tokens // seq)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (fresh processes) per configuration")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    p.add_argument("--rounds", type=int, default=5, help="rounds; each times --steps steps of every configuration")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per configuration and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration before the first round")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (default 12)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 model (smoke run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "local"], help="our attention backend")
     p.add_argument("--json", default=None, help="also write every measurement here")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--worker-time", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.seq_list = [int(s) for s in a.seqs.split(",")]
     a.rank_list = [int(r) for r in a.ranks.split(",")]
@@ -207,11 +241,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    if a.worker:
+    if a.worker_time or a.worker_memory:
         from tiedlora import compat
 
         compat.install()  # once, at the start of each worker process
-        print(json.dumps(worker(json.loads(a.worker))), flush=True)
+        out = worker_time(json.loads(a.worker_time)) if a.worker_time else worker_memory(json.loads(a.worker_memory))
+        print(json.dumps(out), flush=True)
         return {}
     import torch
 
@@ -227,17 +262,20 @@ def main(argv=None) -> dict:
         batch = max(1, a.tokens // seq)
         configs = [(m, 0) for m in a.method_list[:2]] + [
             (m, r) for r in a.rank_list for m in a.method_list[2:]]
-        runs = {_label(m, r): [] for m, r in configs}
-        for rnd in range(a.rounds):
-            k = rnd % len(configs)
-            for m, r in configs[k:] + configs[:k]:
-                spec = dict(method=m, rank=r, seq=seq, batch=batch, model=model, threads=a.threads,
-                            steps=a.steps, warmup=a.warmup, attention=a.attention)
-                runs[_label(m, r)].append(_run(spec))
-                print(f"  seq={seq} round {rnd + 1}/{a.rounds}: {_label(m, r):<14} "
-                      f"{1000 * runs[_label(m, r)][-1]['step_s']:9.1f} ms", file=sys.stderr, flush=True)
+        base = dict(seq=seq, batch=batch, model=model, threads=a.threads, warmup=a.warmup,
+                    attention=a.attention)
+        print(f"  seq={seq}: timing {len(configs)} configurations in one process, {a.rounds} rounds",
+              file=sys.stderr, flush=True)
+        runs = _run("time", {**base, "configs": configs, "rounds": a.rounds, "steps": a.steps})
+        for key, run in runs.items():
+            run["step_s"] = statistics.median(run["times"])
+        for m, r in ([] if a.no_memory else configs):
+            mem = _run("memory", {**base, "method": m, "rank": r})
+            runs[_label(m, r)]["peak_rss_gb"] = mem["peak_rss_gb"]
+            print(f"  seq={seq} memory: {_label(m, r):<14} {mem['peak_rss_gb']:.2f} GB",
+                  file=sys.stderr, flush=True)
         results[seq] = {"batch": batch, "runs": runs}
-        _table(seq, batch, runs, a.rank_list)
+        _table(seq, batch, runs)
     _targets(results, a.rank_list)
     if a.json:
         Path(a.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1) + "\n")
@@ -245,25 +283,31 @@ def main(argv=None) -> dict:
 
 
 def _med(runs, key):
-    return statistics.median(r["step_s"] for r in runs[key]) if runs.get(key) else None
+    return runs[key]["step_s"] if key in runs else None
 
 
-def _table(seq: int, batch: int, runs: dict, ranks) -> None:
+def _spread(times) -> float:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return (q[2] - q[0]) / statistics.median(times)
+
+
+def _table(seq: int, batch: int, runs: dict) -> None:
     ours, hf = _med(runs, "ours-floor"), _med(runs, "hf-floor")
     print(f"\nseq {seq} × batch {batch}")
-    print(f"{'configuration':<15}{'trainable':>12}{'step ms':>10}{'÷ our floor':>13}{'÷ HF floor':>12}"
-          f"{'÷ HF LoRA':>11}{'peak RSS GB':>13}")
-    for key, rs in runs.items():
-        t = _med(runs, key)
+    print(f"{'configuration':<15}{'trainable':>12}{'step ms':>10}{'spread':>8}{'÷ our floor':>13}"
+          f"{'÷ HF floor':>12}{'÷ HF LoRA':>11}{'peak RSS GB':>13}")
+    for key, run in runs.items():
+        t = run["step_s"]
         rank = key.split("r=")[1] if "r=" in key else None
         lora = _med(runs, f"hf-lora r={rank}") if rank else None
-        print(f"{key:<15}{rs[0]['trainable']:>12,}{1000 * t:>10.1f}{t / ours:>13.3f}{t / hf:>12.3f}"
-              f"{(f'{t / lora:.3f}' if lora else '-'):>11}{max(r['peak_rss_gb'] for r in rs):>13.2f}")
+        mem = f"{run['peak_rss_gb']:.2f}" if "peak_rss_gb" in run else "-"
+        print(f"{key:<15}{run['trainable']:>12,}{1000 * t:>10.1f}{100 * _spread(run['times']):>7.1f}%"
+              f"{t / ours:>13.3f}{t / hf:>12.3f}{(f'{t / lora:.3f}' if lora else '-'):>11}{mem:>13}")
 
 
 def _targets(results: dict, ranks) -> None:
     print("\ntargets (✓ met, ✗ not met)")
-    tied = [m for m in ("vera", "tl3", "tl6")]
+    tied = ("vera", "tl3", "tl6")
     longest = max(results)
     for seq, res in results.items():
         runs = res["runs"]
@@ -278,9 +322,8 @@ def _targets(results: dict, ranks) -> None:
         tl6, lora = _med(runs, "tl6 r=8"), _med(runs, "hf-lora r=8")
         if tl6 and lora:
             checks.append(("tl6 r=8 ÷ HF LoRA r=8 ≤ 1", tl6 / lora, 1.0))
-            if seq == longest:
-                mem = max(x["peak_rss_gb"] for x in runs["tl6 r=8"])
-                ref = max(x["peak_rss_gb"] for x in runs["hf-lora r=8"])
+            if seq == longest and "peak_rss_gb" in runs["tl6 r=8"]:
+                mem, ref = runs["tl6 r=8"]["peak_rss_gb"], runs["hf-lora r=8"]["peak_rss_gb"]
                 checks.append(("tl6 r=8 peak RSS ÷ HF LoRA r=8's ≤ 1", mem / ref, 1.0))
         for text, value, limit in checks:
             print(f"  seq {seq:>5}: {text:<40} {value:7.3f} {'✓' if value <= limit else '✗'}")
