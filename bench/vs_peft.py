@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's tiedlora, before any worker imports it
 
 MODEL_134M = dict(layers=12, hidden=768, heads=12, ffn=2048, vocab=32000)
 MODEL_TINY = dict(layers=2, hidden=64, heads=4, ffn=176, vocab=512)
@@ -109,7 +110,6 @@ def _hf_step(spec: dict):
 def _ours_step(spec: dict):
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from tiedlora.config import compose, to_object
     from tiedlora.dist import init_distributed, set_seed
     from tiedlora.config import ModelConfig, ParallelConfig
