@@ -17,7 +17,7 @@ from tiedlora.peft import AdaptedLinear
 from tiedlora.peft.model import adapter_state_dict
 
 P = 0.5  # large, so that a mask on the wrong tensor cannot go unnoticed
-ATOL, RTOL = 1e-5, 1e-5  # fp32; the layer folds s·u and v into the factors (reordered products)
+ATOL, RTOL = 1e-5, 1e-5  # fp32; the layer folds v into B and fuses the add (reordered products)
 SEED = 7
 TARGETS = ["linear_qkv", "linear_proj"]  # a column- and a row-parallel base
 

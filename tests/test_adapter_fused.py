@@ -1,9 +1,10 @@
-"""The adapter's weight-side arithmetic (s·u and v folded into A/B, add fused into addmm)
-against the activation-side formula it replaced: same outputs and gradients (TP=1).
+"""The adapter's arithmetic (v folded into B, s·u on the r-wide activation, the add fused
+into the second matmul with its own backward, in the base output's storage where safe)
+against the plain activation-side formula: same outputs and gradients (TP=1).
 
-The tensor-parallel placement of the folded factors (u before the copy on column targets,
-u in B on row targets) is checked by tests/test_tensor_parallel.py (TP=2 vs TP=1 gradients
-of every factor)."""
+The tensor-parallel placement of u (before the copy on column targets, after the reduce on
+row targets) is checked by tests/test_tensor_parallel.py (TP=2 vs TP=1 gradients of every
+factor)."""
 
 import pytest
 import torch
@@ -77,3 +78,57 @@ def test_bf16_base_adds_in_base_dtype(mp1):
     base, _ = layer.base(x)
     torch.testing.assert_close(out, base + layer.adapter(x).to(torch.bfloat16), atol=0, rtol=0)
     assert (out.float() - base.float()).abs().max() > 0  # the adapter contributes
+
+
+@pytest.mark.parametrize("target,in_place", [("linear_qkv", True), ("linear_fc1", True),
+                                             ("linear_proj", False), ("linear_fc2", False)])
+def test_add_writes_into_base_output_only_where_safe(mp1, target, in_place):
+    """Column targets: the sum lands in the base output's own storage (no [tokens, d_out] copy).
+    Row targets at TP=1: megatron's reduce returns its input as-is (autograd makes that a view),
+    which must not be written in place, so a new tensor comes back; both train (backward runs)."""
+    model = build(preset("tl6", target_modules=f"[{target}]"))
+    perturb(model, seed=4)
+    layer = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
+    seen = {}
+    hook = layer.base.register_forward_hook(lambda m, i, o: seen.update(ptr=o[0].data_ptr()))
+    x = torch.randn(6, 2, layer.base.input_size, requires_grad=True)
+    out, _ = layer(x)
+    hook.remove()
+    assert (out.data_ptr() == seen["ptr"]) is in_place
+    out.square().sum().backward()
+    assert x.grad is not None and layer.adapter.factor("A").grad is not None
+
+
+U_BF16 = 2.0 ** -8  # bf16 unit roundoff (8 significant bits)
+
+
+@pytest.mark.parametrize("name", ["lora", "vera", "tl6"])
+@pytest.mark.parametrize("target", ["linear_qkv", "linear_proj"])
+def test_autocast_bf16_follows_fp32(mp1, name, target):
+    """Training under bf16 autocast (as finetune does on a GPU; CPU autocast here): the fused
+    add gets B in the activations' dtype and u's scaling keeps h in it, so the step runs, and
+    output and every factor's gradient stay within bf16 rounding of the fp32 evaluation.
+    Each value on the path (x, W, A, h, s·u ⊙ h, B, the output; in backward dL/dh and the
+    factor gradients) is rounded to bf16 once, a relative error of at most U_BF16 each, and
+    to first order these add: about 8 roundings, times SAFETY 2 for the two evaluations."""
+    model = build(preset(name, target_modules=f"[{target}]"))
+    perturb(model, seed=3)
+    layer = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(6, 2, layer.base.input_size)
+    results = []
+    for dtype in (None, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out, _ = layer(x)
+        assert out.dtype == (dtype or torch.float32)
+        out.float().square().sum().backward()
+        results.append((out.detach().float(),
+                        {n: p.grad.clone() for n, p in params.items() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (ref, g_ref), (got, g_got) = results
+    bound = 2 * 8 * U_BF16
+    assert (got - ref).abs().max() <= bound * ref.abs().max(), f"{name} {target} output"
+    assert g_ref, "no trainable factor"
+    for n in g_ref:
+        err = (g_got[n] - g_ref[n]).abs().max()
+        assert err <= bound * g_ref[n].abs().max(), f"{name} {target} grad of {n}: {err}"

@@ -1,4 +1,5 @@
-"""bench/step_time.py and bench/vs_peft.py run and report every configuration (smoke runs, not timings)."""
+"""bench/step_time.py, bench/adapter_ops.py and bench/vs_peft.py run and report every configuration
+(smoke runs, not timings)."""
 
 import json
 import subprocess
@@ -19,6 +20,19 @@ def test_step_time_bench_smoke():
     assert set(rows) == {"lora r=8", "tl6 r=8"}
     assert "floor" in res.stdout and "÷ floor" in res.stdout
     assert "batch=2 seq=32 " in res.stdout, res.stdout
+
+
+def test_adapter_ops_bench_smoke():
+    """Every preset × rank × variant row, and the floor share; the script itself refuses to
+    time variants whose outputs or gradients differ (checked before timing)."""
+    res = subprocess.run([sys.executable, "bench/adapter_ops.py", "--tiny", "--rounds", "1", "--ranks", "4,16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line.startswith(("tl6", "vera"))]
+    assert {(r[0], r[1], " ".join(r[2:-3])) for r in rows} == {
+        (p, r, v) for p in ("tl6", "vera") for r in ("4", "16") for v in ("plain", "u on h", "tiedlora")}
+    assert all(float(r[-1]) > 0 for r in rows)  # × L ÷ floor
+    assert "floor step (whole model, seq 64, batch 1)" in res.stdout
 
 
 @pytest.mark.slow  # 5 fresh processes (torch + megatron / transformers imports): minutes on a busy CPU

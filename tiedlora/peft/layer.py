@@ -12,17 +12,20 @@
 output is not fused.
 
 A·x is computed first (r wide), so no d_out×d_in matrix is ever formed during training.
-The scalings are folded into the small factors at each call instead of scaling
-activations (work of size r·d, not tokens·d), and the add into the base output is fused
-into the second matmul (``addmm``)::
+The scalings never touch a [tokens, d_out] activation: ``v`` is folded into B at each call
+(work of size r·d), ``s·u`` scales the r-wide ``A x`` (work of size tokens·r), and the add
+into the base output is fused into the second matmul::
 
-    column:  A' = (s·u) ⊙_rows A      B' = v ⊙_rows B              out = base + B' (A' x)
-    row:     A' = A                   B' = v ⊙_rows B ⊙_cols (s·u) out = base + B' (Σ_tp A' x)
+    column:  h = (s·u) ⊙ (A x)         [then the TP copy/gather]       out = base + (v ⊙_rows B) h
+    row:     h = (s·u) ⊙ Σ_tp (A x)    [after the TP reduce]           out = base + (v ⊙_rows B) h
 
-On row targets ``u`` goes into B, not A: A is sharded on d_in there, and ``u`` folded
-into A would only receive this rank's partial gradient. On column targets ``u`` in A is
-still applied before the copy/gather below, as required. Gradients equal those of the
-activation-side formula (tests/test_adapter_fused.py compares the two).
+(with u frozen, s is folded into A on column targets and into B on row targets). ``u`` on the
+r-wide activation rather than folded into A: where A is frozen and u is trained (VeRA, TL1,
+TL4) autograd then never forms dL/dA (an r × tokens × d_in product) only to reduce it to u's
+r numbers. The second product, its add and its backward live in :class:`_AddLowRank`: the
+add writes into the base output's storage when that is safe (no [tokens, d_out] copy), and
+the backward uses the operand layouts that are fastest for a skinny r. Gradients equal those
+of the plain formula (tests/test_adapter_fused.py compares the two).
 
 Tensor parallelism (docs/design.md, 'Tensor parallelism'). Shapes per rank, tp = TP size:
 
@@ -94,38 +97,48 @@ class TiedLoRAAdapter(nn.Module):
         owner = self._owner[0]
         return None if owner is None else owner.get(self.target, name)
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A', B') with s, u and v folded in (see the module docstring); shapes as A and B."""
+    def scaled(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(A', B', s·u or None): v folded into B, and s into A (column) or B (row) when u is
+        frozen; otherwise s·u is returned to scale ``A x`` (see the module docstring)."""
         A, B = self.factor("A"), self.factor("B")
-        su = self.u * self.scale if self.u is not None else None
-        if self.mode == "column":
-            A = A * su.unsqueeze(1) if su is not None else A * self.scale  # (r, d_in)
-            if self.v is not None:
-                B = B * self.v.unsqueeze(1)  # (d_out/tp, r)
-        else:
-            B = B * self.v.unsqueeze(1) if self.v is not None else B  # (d_out, r)
-            B = B * su if su is not None else B * self.scale
-        return A, B
+        if self.v is not None:
+            B = B * self.v.unsqueeze(1)  # column: (d_out/tp, r); row: (d_out, r)
+        if self.u is not None:
+            return A, B, self.u * self.scale
+        if self.scale != 1.0:
+            if self.mode == "column":
+                A = A * self.scale
+            else:
+                B = B * self.scale
+        return A, B, None
 
     def forward(self, x: torch.Tensor, base_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """ΔW·x, or ``base_out + ΔW·x`` with the add fused into the last matmul."""
+        """ΔW·x, or ``base_out + ΔW·x`` with the add fused into the last matmul.
+
+        ``base_out`` is consumed: the sum may be written into its storage (it is the base
+        linear's fresh output, which nothing else reads)."""
         from megatron.core.tensor_parallel import mappings
 
-        A, B = self.folded()
+        A, B, su = self.scaled()
         post = self.dropout_position == "post" and isinstance(self.dropout, nn.Dropout)
         if not post:
             x = self.dropout(x)
         x = x.to(A.dtype)
         h = F.linear(x, A)  # [s, b, r] (column) or partial [s, b, r] (row)
         if self.mode == "column":
+            if su is not None:
+                h = h * su.to(h.dtype)  # before the copy, so u's gradient sums every rank's B shard
             if self.sequence_parallel:
                 h = mappings.gather_from_sequence_parallel_region(h, group=self.tp_group)
             else:
                 h = mappings.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-        elif self.sequence_parallel:
-            h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         else:
-            h = mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+            if self.sequence_parallel:
+                h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
+            else:
+                h = mappings.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+            if su is not None:
+                h = h * su.to(h.dtype)  # after the reduce: A is sharded on d_in, h is the full sum
         # h: [s, b, r]; the output: [s, b, d_out/tp] (column) or [s(/tp), b, d_out] (row)
         if post:
             delta = self._post_dropout(F.linear(h, B))
@@ -134,8 +147,7 @@ class TiedLoRAAdapter(nn.Module):
             return F.linear(h, B)
         if base_out.dtype != h.dtype:  # bf16 base, fp32 adapter (no autocast): add in the base's dtype
             return base_out + F.linear(h, B).to(base_out.dtype)
-        flat = torch.addmm(base_out.reshape(-1, base_out.size(-1)), h.reshape(-1, h.size(-1)), B.t())
-        return flat.view(base_out.shape)
+        return _AddLowRank.apply(base_out, h, B.to(h.dtype))  # B in h's dtype, as addmm under autocast
 
     def _post_dropout(self, delta: torch.Tensor) -> torch.Tensor:
         """Dropout on ΔW x. Where this rank holds a shard of the output (column targets under
@@ -152,6 +164,42 @@ class TiedLoRAAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, target={self.target}, layer={self.layer_number}, scale={self.scale}, "
                 f"dropout_position={self.dropout_position}")
+
+
+class _AddLowRank(torch.autograd.Function):
+    """``base + h Bᵀ`` for h [..., r] and B [d_out, r], with a backward written for small r.
+
+    Forward: one ``addmm``; into ``base``'s own storage when that is safe (a contiguous
+    tensor that is not a view and not a leaf that requires grad; megatron's linear output
+    nobody saves), which saves a [tokens, d_out] copy. If anything had saved ``base``, its
+    version counter would make autograd fail loudly, never silently.
+    Backward: dL/dh = g B and dL/dB = (hᵀ g)ᵀ with B read column-major and hᵀ g instead of
+    gᵀ h: on CPU at r = 8 these layouts take about half the time of the ones autograd picks
+    for ``addmm`` (bench numbers in docs/design.md, 'Performance targets').
+    """
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, B)
+        h2 = h.reshape(-1, h.size(-1))
+        inplace = (base.is_contiguous() and not base._is_view()
+                   and not (base.requires_grad and base.grad_fn is None))
+        if inplace:
+            ctx.mark_dirty(base)
+            base.view(-1, base.size(-1)).addmm_(h2, B.t())
+            return base
+        return torch.addmm(base.reshape(-1, base.size(-1)), h2, B.t()).view(base.shape)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, B = ctx.saved_tensors
+        g2 = g.reshape(-1, g.size(-1))
+        grad_h = grad_B = None
+        if ctx.needs_input_grad[1]:
+            grad_h = g2.mm(B.t().contiguous().t()).view(h.shape)
+        if ctx.needs_input_grad[2]:
+            grad_B = h.reshape(-1, h.size(-1)).t().mm(g2).t()
+        return (g if ctx.needs_input_grad[0] else None), grad_h, grad_B
 
 
 class TiedFactors(nn.Module):
