@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import PRESETS, build, perturb, preset, tiny_model_cfg
 from numerics import assert_close
 from tiedlora.peft import AdaptedLinear
+from tiedlora.peft.layer import SKINNY_RANK
 
 pytestmark = pytest.mark.numerics
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -31,10 +32,12 @@ def _activation_side(layer: AdaptedLinear, x: torch.Tensor) -> torch.Tensor:
     return base + out
 
 
+@pytest.mark.parametrize("rank", [4, 16])  # both backward layouts (r ≤ SKINNY_RANK and above)
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("target", TARGETS)
-def test_fused_equals_activation_side_formula(mp1, name, target):
-    model = build(preset(name, target_modules=f"[{target}]", alpha=16, rank=4))
+def test_fused_equals_activation_side_formula(mp1, name, target, rank):
+    assert (4 <= SKINNY_RANK) and (16 > SKINNY_RANK)
+    model = build(preset(name, target_modules=f"[{target}]", alpha=16, rank=rank))
     perturb(model, seed=9)
     layer = next(m for m in model.modules() if isinstance(m, AdaptedLinear))
     # every factor this layer uses (tied ones live on the owner), frozen ones too: the
@@ -56,7 +59,7 @@ def test_fused_equals_activation_side_formula(mp1, name, target):
     # Folding s·u and v into the factors only reorders products, and the addmm adds the base
     # output inside the second product instead of after it. Output: the base's d_in-term sum,
     # A's d_in and B's r (plus the add and the scalings: a few more) -> K = 2·d_in + r + 4.
-    d_in, r = layer.base.input_size, 4
+    d_in, r = layer.base.input_size, rank
     tokens = x.shape[0] * x.shape[1]
     assert_close(out_new, out_old, 2 * d_in + r + 4, f"{name} {target} output")
     # gradients: the backward sums over d_out (into x, into u) and r, then over the tokens

@@ -166,6 +166,9 @@ class TiedLoRAAdapter(nn.Module):
                 f"dropout_position={self.dropout_position}")
 
 
+SKINNY_RANK = 8  # up to this r, _AddLowRank's backward uses the layouts for a skinny B
+
+
 class _AddLowRank(torch.autograd.Function):
     """``base + h Bᵀ`` for h [..., r] and B [d_out, r], with a backward written for small r.
 
@@ -173,9 +176,11 @@ class _AddLowRank(torch.autograd.Function):
     tensor that is not a view and not a leaf that requires grad; megatron's linear output
     nobody saves), which saves a [tokens, d_out] copy. If anything had saved ``base``, its
     version counter would make autograd fail loudly, never silently.
-    Backward: dL/dh = g B and dL/dB = (hᵀ g)ᵀ with B read column-major and hᵀ g instead of
-    gᵀ h: on CPU at r = 8 these layouts take about half the time of the ones autograd picks
-    for ``addmm`` (bench numbers in docs/design.md, 'Performance targets').
+    Backward: for r ≤ ``SKINNY_RANK``, dL/dh = g B with B read column-major and
+    dL/dB = (hᵀ g)ᵀ instead of gᵀ h. With 2, 4 or 8 columns the CPU BLAS takes a slow path
+    in the layouts autograd uses for ``addmm`` (dL/dB 2–5× slower at 1024–8192 tokens); from
+    12 columns up those layouts are as fast or faster, so they are kept there (numbers in
+    docs/design.md, 'Performance targets'; ``bench/adapter_ops.py`` measures both).
     """
 
     @staticmethod
@@ -193,12 +198,13 @@ class _AddLowRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         h, B = ctx.saved_tensors
-        g2 = g.reshape(-1, g.size(-1))
+        g2, h2 = g.reshape(-1, g.size(-1)), h.reshape(-1, h.size(-1))
+        skinny = h.size(-1) <= SKINNY_RANK
         grad_h = grad_B = None
         if ctx.needs_input_grad[1]:
-            grad_h = g2.mm(B.t().contiguous().t()).view(h.shape)
+            grad_h = g2.mm(B.t().contiguous().t() if skinny else B).view(h.shape)
         if ctx.needs_input_grad[2]:
-            grad_B = h.reshape(-1, h.size(-1)).t().mm(g2).t()
+            grad_B = h2.t().mm(g2).t() if skinny else g2.t().mm(h2)
         return (g if ctx.needs_input_grad[0] else None), grad_h, grad_B
 
 
