@@ -1,8 +1,9 @@
 """The adapter's own arithmetic at a model's shapes, timed against the plain choices.
 
-    python bench/adapter_ops.py                        # QKV of the 134M model, 1024 tokens, r = 8, 128
+    python bench/adapter_ops.py                     # QKV of the 134M model, 1024 tokens, r = 8, 128
+    python bench/adapter_ops.py --batch 4           # the floor at seq 256 × batch 4 instead
     python bench/adapter_ops.py --tokens 8192 --ranks 8 --no-floor
-    python bench/adapter_ops.py --tiny --rounds 3      # seconds; a smoke run
+    python bench/adapter_ops.py --tiny --rounds 3   # seconds; a smoke run
 
 Each timed call is the forward and backward of one adapted layer's adapter path: x
 [tokens, d_in] (which needs a gradient, as every layer's input does in training) to
@@ -15,10 +16,12 @@ with A and B frozen and u, v trained (VeRA). Three ways of computing the same th
                output's storage and dL/dh, dL/dB in the layouts fastest for a skinny r)
 
 All are interleaved round by round; the median of each is printed with its ratio to plain.
-Unless ``--no-floor``, the frozen-base floor step of the whole model (``bench/step_time.py``,
-batch 1, seq = tokens) is timed in the same rounds, and ``× L ÷ floor`` is the adapter's
-direct share of a training step: L layers' adapter time over the floor's step. That is what
-``step ÷ floor − 1`` estimates as a small difference of two large noisy numbers.
+Unless ``--no-floor``, the frozen-base floor step of the whole model (``bench/step_time.py``;
+``--batch`` sequences of tokens ÷ batch) is timed in the same rounds, and ``× L ÷ floor`` is
+the adapter's direct share of a training step: L layers' adapter time over the floor's
+step. That is what ``step ÷ floor − 1`` estimates as a small difference of two large noisy
+numbers. (Not in it: AdamW over the adapter tensors and adding the adapter's dL/dx to the
+base's, each well under 1% of a layer's work.)
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the 2-layer smoke model's shapes")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per call (default 1024; 64 with --tiny)")
+    ap.add_argument("--batch", type=int, default=1, help="the floor's batch; its seq is tokens ÷ batch")
     ap.add_argument("--ranks", default="8,128")
     ap.add_argument("--rounds", type=int, default=15, help="timed calls per variant (the floor: the same)")
     ap.add_argument("--no-floor", action="store_true", help="skip the whole-model floor step")
@@ -113,7 +117,10 @@ def main() -> None:
 
     base = dict(TINY if args.tiny else LLAMA_134M)
     tokens = args.tokens or (64 if args.tiny else 1024)
-    base["seq_length"] = tokens
+    if args.batch < 1 or tokens % args.batch:
+        ap.error(f"--batch {args.batch}: must be at least 1 and divide the {tokens} tokens")
+    seq = tokens // args.batch
+    base["seq_length"] = seq
     cfg = ModelConfig(**base)
     d_in, d_out = cfg.hidden_size, cfg.qkv_width
     init_distributed(ParallelConfig(), seed=0)
@@ -124,8 +131,8 @@ def main() -> None:
                 calls[(name, r, variant)] = fn
     floor = None
     if not args.no_floor:
-        print(f"building the {cfg.name} floor (seq {tokens}, batch 1) ...", flush=True)
-        step, _ = make_step("floor", cfg, None, 0, "linear_qkv", 1, tokens)
+        print(f"building the {cfg.name} floor (seq {seq}, batch {args.batch}) ...", flush=True)
+        step, _ = make_step("floor", cfg, None, 0, "linear_qkv", args.batch, seq)
 
         def floor():
             t0 = time.perf_counter()
@@ -148,7 +155,7 @@ def main() -> None:
     print(f"adapter on {cfg.name} linear_qkv ({d_in} -> {d_out}), {tokens} tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds")
     if floor:
-        print(f"floor step (whole model, seq {tokens}, batch 1): {1000 * floor_s:.1f} ms")
+        print(f"floor step (whole model, seq {seq}, batch {args.batch}): {1000 * floor_s:.1f} ms")
     print(f"{'preset':<8}{'r':>5}  {'variant':<10}{'ms':>9}{'÷ plain':>9}"
           + (f"{'× L ÷ floor':>13}" if floor else ""))
     for (name, r, variant), t in med.items():
