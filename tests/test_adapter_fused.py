@@ -56,8 +56,8 @@ def test_fused_equals_activation_side_formula(mp1, name, target, rank):
         got = torch.autograd.grad(out, [x] + params, g_out)
         grads.append((out.detach(), got))
     (out_new, g_new), (out_old, g_old) = grads
-    # Folding s·u and v into the factors only reorders products, and the addmm adds the base
-    # output inside the second product instead of after it. Output: the base's d_in-term sum,
+    # Folding v into B and scaling A x by s·u only reorder products, and the fused add puts the
+    # base output inside the second product instead of after it. Output: the base's d_in-term sum,
     # A's d_in and B's r (plus the add and the scalings: a few more) -> K = 2·d_in + r + 4.
     d_in, r = layer.base.input_size, rank
     tokens = x.shape[0] * x.shape[1]
