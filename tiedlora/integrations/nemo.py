@@ -184,7 +184,9 @@ class TiedLoRALinear(AdapterWrapper):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias, ln_out = self.base_linear_forward(x, *args, **kwargs)
-        return out + self.adapter(ln_out).to(out.dtype), bias
+        # the adapter adds into ``out`` as in AdaptedLinear (fused, in place where safe, in
+        # the base's dtype), so both routes compute bit-identical outputs and gradients
+        return self.adapter(ln_out, base_out=out), bias
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         sd = self.to_wrap.sharded_state_dict(prefix, sharded_offsets, metadata)
