@@ -64,13 +64,14 @@ def make_case(trainable: dict, tokens: int, d_in: int, d_out: int, r: int):
                               parallel_state.get_tensor_model_parallel_group(), False)
     adapter.A, adapter.B, adapter.u, adapter.v = A, B, u, v
 
-    def plain(base):
-        h = F.linear(x, A * (u * scale).unsqueeze(1))
+    def add_second_product(base, h):  # the previous arithmetic's add: v folded into B, addmm
         return torch.addmm(base.view(-1, d_out), h.view(-1, r), (B * v.unsqueeze(1)).t()).view(base.shape)
 
+    def plain(base):
+        return add_second_product(base, F.linear(x, A * (u * scale).unsqueeze(1)))
+
     def u_on_h(base):
-        h = F.linear(x, A) * (u * scale)
-        return torch.addmm(base.view(-1, d_out), h.view(-1, r), (B * v.unsqueeze(1)).t()).view(base.shape)
+        return add_second_product(base, F.linear(x, A) * (u * scale))
 
     def run(fn):
         def call():
