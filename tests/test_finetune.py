@@ -99,12 +99,13 @@ def test_kill_and_resume_is_bit_exact(env):
     finetune(env, *common, f"output_dir={ref_dir}")
     cmd = [sys.executable, "-m", "tiedlora.finetune", *base_args(env), *common, f"output_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
+    metrics, latest = run_dir / "metrics.jsonl", run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.05)
+    # kill as soon as the step-4 checkpoint is committed (``latest`` is written atomically):
+    # four steps and a checkpoint write stand between that and step 8's commit, where
+    # waiting for six metric lines left two, and fast steps crossed step 8 before the kill
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip()):
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(metrics.read_text().splitlines()) < 12, "run finished before it could be killed"
