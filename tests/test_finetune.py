@@ -19,6 +19,7 @@ from helpers import PRESETS, ROOT, tiny_base_args
 
 TINY_TASK = ["task=mini_qa", "task.num_train=64", "task.num_validation=16", "task.num_test=8",
              "task.max_length=64", "task.max_new_tokens=4"]
+MANY_STEPS = 100_000  # a run meant to be stopped by a signal, never to finish
 FAST = ["trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.val_check_interval=0",
         "eval.before=false", "eval.after=false", "optim.warmup_steps=2", "optim.lr=3e-3"]
 
@@ -101,16 +102,19 @@ def test_kill_and_resume_is_bit_exact(env):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, latest = run_dir / "metrics.jsonl", run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
-    # kill as soon as the step-4 checkpoint is committed (``latest`` is written atomically):
-    # four steps and a checkpoint write stand between that and step 8's commit, where
-    # waiting for six metric lines left two, and fast steps crossed step 8 before the kill
+    # kill as soon as the first checkpoint is committed (``latest`` is written atomically). How
+    # many steps run before the kill lands depends on the machine's speed and load, so the test
+    # accepts either checkpoint before the last: what it checks is the resume from it.
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip()):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(metrics.read_text().splitlines()) < 12, "run finished before it could be killed"
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    finetune(env, *common, f"output_dir={run_dir}")
+    assert proc.returncode == -signal.SIGKILL and len(metrics.read_text().splitlines()) < 12, \
+        "run finished before it could be killed"
+    saved = latest.read_text().strip()
+    assert saved in ("step_0000004", "step_0000008"), saved
+    res = finetune(env, *common, f"output_dir={run_dir}")
+    assert f"resumed from {run_dir / 'checkpoints' / saved} at step {int(saved[5:])}" in res.stdout
     assert losses(run_dir) == losses(ref_dir)  # bit-exact on CPU
     from tiedlora.checkpoint import load_adapter
 
@@ -122,7 +126,8 @@ def test_kill_and_resume_is_bit_exact(env):
 
 
 def test_preemption_signal_checkpoints_and_exits_for_requeue(env):
-    common = ["peft=lora", "trainer.max_steps=400", "checkpoint.every_n_steps=0", *FAST]
+    # the run stops at the signal, so its length costs nothing: make it too long to end first on any machine
+    common = ["peft=lora", f"trainer.max_steps={MANY_STEPS}", "checkpoint.every_n_steps=0", *FAST]
     out = env["dir"] / "preempt"
     cmd = [sys.executable, "-m", "tiedlora.finetune", *base_args(env), *common, f"output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -134,7 +139,7 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(env):
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, stdout[-2000:]
     step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert 3 <= step < 400 and f"checkpoint saved at step {step}" in stdout
+    assert 3 <= step < MANY_STEPS and f"checkpoint saved at step {step}" in stdout
 
 
 def test_loading_adapter_of_another_preset_fails_clearly(env):

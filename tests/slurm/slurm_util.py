@@ -86,6 +86,7 @@ def wait_jobs(job_ids: Iterable[str], timeout: float = JOB_TIMEOUT,
         time.sleep(1)
 
 
-def logs(sweep: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+def logs(sweep: Path, tail: Optional[int] = 4000) -> str:
+    """The sweep's job logs, each cut to its last ``tail`` characters (None: whole, for assertions)."""
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail if tail else 0:]}"
                      for p in sorted((sweep / "logs").glob("*")))

@@ -72,12 +72,40 @@ def test_job_array_of_four_runs_throttled_and_status(tiny, tmp_path):
     assert "4/4 jobs have results.json" in res.stdout
 
 
+def _planned_steps(tiny, common: list, out: Path) -> tuple:
+    """How many steps make the job train for about :data:`PLANNED_TRAIN_S` on this machine, now.
+
+    A short local run of the same configuration gives the step time (the median of its later
+    steps, where start-up no longer counts). The job and the reference then train side by side,
+    one thread each, as the calibration did, so a loaded machine plans fewer, slower steps and an
+    idle one more, faster ones: the run lasts about as long either way.
+    """
+    res = subprocess.run([sys.executable, "-m", "tiedlora.finetune", *common, f"trainer.max_steps={CALIBRATION_STEPS}",
+                          f"output_dir={out}"], cwd=ROOT, env=tiny["env"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    times = sorted(json.loads(line)["step_time_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                   [CALIBRATION_STEPS // 3:])
+    step_s = times[len(times) // 2]
+    return max(MIN_STEPS, math.ceil(PLANNED_TRAIN_S / step_s)), step_s
+
+
+# Slurm sends a due warning signal from its periodic time-limit check (every ~30 s), so the job
+# must still be training well over 30 s after the signal becomes due. The run length is planned
+# from a measured step time, not from a guess of steps per second: the adapter got faster once
+# and a fixed 300 steps finished in 15 s, before any signal could arrive.
+PLANNED_TRAIN_S = 90  # the signal is made due as training starts: ~3 periodic checks of margin
+CALIBRATION_STEPS = 30
+MIN_STEPS = 100
+
+
 def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(tiny, tmp_path):
     """The real Slurm warning signal (--signal=USR1@lead), the exit-3 requeue, the resume."""
-    # 16 micro-batches per step: long enough (~1 min) for Slurm's ~30 s signal tick to land mid-run
-    steps = 300
-    common = ["peft=lora", f"trainer.max_steps={steps}", "eval.after=false", *tiny["args"],
-              "trainer.global_batch_size=16", "trainer.micro_batch_size=1"]
+    common = ["peft=lora", "eval.after=false", *tiny["args"], "trainer.global_batch_size=16",
+              "trainer.micro_batch_size=1"]
+    steps, step_s = _planned_steps(tiny, common, tmp_path / "calibration")
+    common.append(f"trainer.max_steps={steps}")
+    plan = f"{steps} steps planned at {step_s * 1000:.1f} ms/step measured (~{steps * step_s:.0f} s)"
     ref = tmp_path / "reference"
     reference = subprocess.Popen([sys.executable, "-m", "tiedlora.finetune", *common, f"output_dir={ref}"],
                                  cwd=ROOT, env=tiny["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -90,24 +118,30 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_adapter(
     out = sweep / manifest(sweep)["jobs"][0]["name"]
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 180
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+    # as soon as training has started (the signal handler is installed before the first step)
+    while not (metrics.is_file() and metrics.read_text().strip()):
         assert time.time() < deadline, logs(sweep)
         time.sleep(0.2)
-    # Bring the time limit close: Slurm's warning is now due and arrives within its ~30 s tick.
+    # Bring the time limit close: Slurm's warning is now due and arrives at its next check.
     elapsed = _seconds(job_records(jid)[jid]["RunTime"])
     limit_min = math.ceil((elapsed + 70) / 60)
     assert limit_min * 60 - lead <= elapsed
     subprocess.run(["scontrol", "update", f"JobId={jid}", f"TimeLimit={limit_min}"], check=True)
+    due = time.time()
 
     def restart_now(job):  # the rerun gets its long time limit back and starts at once
         subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", RESTART_SOON], check=False)
 
-    rec = wait_jobs([jid], timeout=360, on_pending_requeue=restart_now)[jid]
-    text = logs(sweep)
-    assert rec["JobState"] == "COMPLETED" and int(rec["Restarts"]) >= 1, text
+    rec = wait_jobs([jid], timeout=360 + 2 * steps * step_s, on_pending_requeue=restart_now)[jid]
+    # the whole logs without the progress lines (hundreds of them would push the requeue out of a tail)
+    text = "\n".join(ln for ln in logs(sweep, tail=None).splitlines() if not ln.startswith("step "))
+    assert int(rec["Restarts"]) >= 1, (
+        f"the job ended {rec['JobState']} without a requeue, {time.time() - due:.0f} s after the signal "
+        f"became due ({plan}): it finished before Slurm's warning arrived\n{text}")
+    assert rec["JobState"] == "COMPLETED", text
     assert "checkpoint saved after a signal: requeueing" in text and "resumed from" in text, text
     assert len(metrics.read_text().splitlines()) == steps
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    assert reference.wait(timeout=300 + 2 * steps * step_s) == 0, reference.stderr.read()[-3000:]
     a, b = _adapter(ref / "adapter.safetensors"), _adapter(out / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
