@@ -63,10 +63,11 @@ class Net:
     vocab: int
     glu: bool = True  # SwiGLU: fc1 is twice as wide
     rank: int = 0  # adapter rank (0: no adapter); the adapter path adds an r-term sum
+    kv_channels: int = 0  # head width when it is not hidden / heads (0: hidden / heads)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.kv_channels or self.hidden // self.heads
 
     @classmethod
     def of(cls, cfg, seq: int, rank: int = 0) -> "Net":
@@ -74,7 +75,7 @@ class Net:
         pad = cfg.make_vocab_size_divisible_by
         return cls(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                    heads=cfg.num_attention_heads, seq=seq, vocab=-(-cfg.vocab_size // pad) * pad,
-                   glu=cfg.activation == "swiglu", rank=rank)
+                   glu=cfg.activation == "swiglu", rank=rank, kv_channels=cfg.kv_channels or 0)
 
 
 def forward_terms(net: Net) -> int:

@@ -140,17 +140,6 @@ def test_llama2_7b_preset_matches_its_config():
         check_model_matches(preset, got, "x")
 
 
-@pytest.mark.parametrize("edit,error", [
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, r"model_type='mistral'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"rope_type='llama3'"),
-    ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
-    ({"attention_bias": True}, r"attention_bias=true"),
-])
-def test_unsupported_configs_are_refused(edit, error):
-    with pytest.raises(CheckpointFormatError, match=error):
-        hf_llama.model_config({**LLAMA2_7B_CONFIG, **edit}, "x", "x")
-
-
 def _edited_copy(src: Path, dst: Path, edit) -> Path:
     from safetensors.torch import load_file, save_file
 

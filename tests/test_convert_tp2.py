@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 from convert_fixtures import (  # noqa: E402
+    FAMILIES,
+    make_family,
     make_llama,
     megatron_logits,
     nemo_config,
@@ -62,6 +64,12 @@ def runs(tmp_path_factory, mp1):
         with torch.no_grad():
             refs[name] = hf(ids).logits
         logits[name] = str(d / name)
+    for n, family in enumerate(FAMILIES):  # LLaMA-3.1/3.2, Qwen2.5, Mistral (every feature kept)
+        hf = make_family(family, seed=30 + n)
+        hf.save_pretrained(d / family)
+        with torch.no_grad():
+            refs[family] = hf(ids).logits
+        logits[family] = str(d / family)
     ycfg = nemo_config()
     sd = nemo_weights(ycfg, 128, seed=7)
     logits["nemo_gpt2b"] = str(write_nemo(d / "gpt2b.nemo", ycfg, sd, tok))
@@ -97,7 +105,7 @@ def runs(tmp_path_factory, mp1):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["hf_mha", "hf_gqa", "nemo_gpt2b", "nemo_tp2_shards", "nemo_swiglu_gqa"])
+@pytest.mark.parametrize("name", ["hf_mha", "hf_gqa", *FAMILIES, "nemo_gpt2b", "nemo_tp2_shards", "nemo_swiglu_gqa"])
 def test_tp2_logits_match_oracle(runs, name):
     got, ref = runs["got"][f"logits/{name}"], runs["refs"][name]
     assert ref.abs().max() > 1.0
@@ -106,12 +114,15 @@ def test_tp2_logits_match_oracle(runs, name):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["hf_gqa", "nemo_gpt2b", "nemo_swiglu_gqa"])
+@pytest.mark.parametrize("name", ["hf_gqa", "llama32", "qwen25", "nemo_gpt2b", "nemo_swiglu_gqa"])
 def test_pp2_load_places_every_layer(runs, mp1, name):
-    """Each stage maps its local layers by global layer_number; gathered = the source."""
+    """Each stage maps its local layers by global layer_number; gathered = the source. With tied
+    embeddings (llama32, qwen25) the last stage's copy of the output layer equals the embedding."""
     cfg = model_config_from_checkpoint(runs["logits"][name])
     _, source = read_source(cfg)
-    full = runs["got"][f"pp2_full/{name}"]
+    full = dict(runs["got"][f"pp2_full/{name}"])
+    if not cfg.untie_embeddings_and_output_weights:
+        assert torch.equal(full.pop("output_layer.weight"), full["embedding.word_embeddings.weight"])
     assert sorted(full) == sorted(source)
     for key, lazy in source.items():
         want = lazy.read()

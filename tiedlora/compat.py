@@ -27,6 +27,9 @@ What is redirected (measured on megatron-core 0.16.1; why, and the traps: docs/d
 * the causal attention mask built with ``device="cuda"`` (``fused_softmax``) -> CPU
 * ``device="cuda"`` tensor factories in the pipeline schedules and p2p communication
   (their module-level ``torch`` name is replaced by a thin proxy);
+* ``weight.data.cuda()`` where a model with tied input/output embeddings (LLaMA-3.2-1B,
+  the small Qwen2.5 models) makes its last pipeline stage's copy equal the first stage's
+  (``LanguageModule.setup_embeddings_and_output_layer`` runs inside :func:`cuda_to_cpu`'s mode);
 * anywhere else, inside :func:`cuda_to_cpu` (a torch function mode, for megatron's own
   optimizer and DDP wrappers, which tiedlora does not need for adapters).
 
@@ -116,6 +119,17 @@ def install() -> bool:
     mrandom._get_cuda_rng_state = _get_rng_state
     mrandom._set_cuda_rng_state = _set_rng_state
     mrandom.CudaRNGStatesTracker.add = _tracker_add
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(setup)
+    def _setup_embeddings_on_cpu(self):  # tied embeddings under PP: ``weight.data.cuda()``
+        with _CudaToCpuMode():
+            return setup(self)
+
+    LanguageModule.setup_embeddings_and_output_layer = _setup_embeddings_on_cpu
     _INSTALLED = True
     return True
 

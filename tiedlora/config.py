@@ -32,6 +32,7 @@ from tiedlora.data.sft import PromptTemplate
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("sdpa", "local", "te")  # see tiedlora.models.attention
+ROPE_SCALINGS = (None, "llama3")  # model.rope_scaling; see tiedlora.models.gpt.apply_rope_scaling
 KINDS = ("generate", "multiple_choice")
 SPLITS = ("train", "validation", "test")
 
@@ -232,7 +233,18 @@ class ModelConfig:
     position_embedding_type: str = "rope"  # rope | learned_absolute
     rotary_percent: float = 1.0
     rotary_base: int = 10000
+    # RoPE frequency scaling: null (plain RoPE) | llama3 (LLaMA-3.1/3.2: low frequencies divided by
+    # the factor, a smooth blend between the two wavelength bounds; the four numbers below)
+    rope_scaling: Optional[str] = None
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_positions: int = 8192
     add_bias_linear: bool = False
+    add_qkv_bias: bool = False  # bias on the fused QKV projection only (Qwen2)
+    # Attention window of the checkpoint (Mistral v0.1); null: full causal attention. Sliding-window
+    # attention is not implemented, so seq_length may not exceed it (then the window never binds).
+    sliding_window: Optional[int] = None
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     params_dtype: str = "float32"  # float32 | bfloat16 (adapters always stay fp32)
@@ -274,7 +286,32 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention_backend={self.attention_backend!r}: "
                              f"expected one of {list(ATTENTION_BACKENDS)}")
+        self._check_rope_scaling()
+        if self.sliding_window is not None and self.seq_length > self.sliding_window:
+            raise ValueError(
+                f"model.seq_length={self.seq_length} is longer than model.sliding_window="
+                f"{self.sliding_window}: sliding-window attention is not implemented; set "
+                f"model.seq_length <= {self.sliding_window} (attention over that many tokens is exact)")
         self._check_recompute()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: expected one of {list(ROPE_SCALINGS)}")
+        if self.rope_scaling is None:
+            return
+        if self.position_embedding_type != "rope":
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r} needs position_embedding_type=rope")
+        for f in ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"model.{f}={v!r}: must be a positive number")
+        if not self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor:
+            raise ValueError(
+                f"model.rope_scaling_low_freq_factor={self.rope_scaling_low_freq_factor!r} must be smaller "
+                f"than model.rope_scaling_high_freq_factor={self.rope_scaling_high_freq_factor!r}")
+        n = self.rope_scaling_original_max_positions
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"model.rope_scaling_original_max_positions={n!r}: must be a positive integer")
 
     def _check_recompute(self) -> None:
         g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
@@ -473,6 +510,13 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/run"
     adapter: Optional[str] = None  # evaluate only: adapter file (default: <output_dir>/adapter.safetensors)
+
+    def __post_init__(self):
+        window = self.model.sliding_window
+        if window is not None and self.task.max_length > window:  # prompt + generated tokens in evaluation
+            raise ValueError(
+                f"task.max_length={self.task.max_length} is longer than model.sliding_window={window}: "
+                f"sliding-window attention is not implemented; set task.max_length <= {window}")
 
 
 

@@ -254,25 +254,57 @@ def nemo_reference_logits(sd: Dict[str, torch.Tensor], cfg: dict, ids: torch.Ten
 # --------------------------------------------------------------------- HF LLaMA oracle
 LLAMA = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5)
+# Small configs that keep every feature of the real families (docs/models.md): LLaMA-3.1's
+# RoPE scaling with an original context (16) shorter than the test's 24 tokens; LLaMA-3.2's
+# tied embeddings and larger scaling factor; Qwen2.5's q/k/v biases, GQA, tied embeddings and
+# theta 1e6; Mistral's GQA with a head_dim other than hidden/heads (Mistral-Nemo's kind) and a
+# sliding window (v0.1's kind) too long to bind at the model's sequence length.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+FAMILIES = {
+    "llama31": ("llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)),
+    "llama32": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True, head_dim=16,
+                              rope_parameters={**LLAMA3_ROPE, "factor": 32.0})),
+    "qwen25": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mistral": ("mistral", dict(num_key_value_heads=2, head_dim=24, sliding_window=64,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+}
+
+
+def make_hf(model_type: str = "llama", seed: int = 0, **kw):
+    """A random ``*ForCausalLM`` of the LLaMA family (fp32, eager attention) with non-trivial
+    norms and biases. ``model_type``: llama | qwen2 | mistral; ``kw`` override :data:`LLAMA`."""
+    import transformers
+
+    name = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+    kw = {**LLAMA, **kw}
+    kw.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0})
+    cfg = getattr(transformers, f"{name}Config")(**kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif pname.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    return model
+
+
+def make_family(family: str, seed: int = 0):
+    """A random model of one of :data:`FAMILIES`."""
+    model_type, kw = FAMILIES[family]
+    return make_hf(model_type, seed=seed, **kw)
 
 
 def make_llama(num_key_value_heads: int = 4, seed: int = 0, **kw):
     """A random ``LlamaForCausalLM`` (fp32, eager attention) with non-trivial norms."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**{**LLAMA, "num_key_value_heads": num_key_value_heads,
-                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **kw})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    return model
+    return make_hf("llama", seed=seed, num_key_value_heads=num_key_value_heads, **kw)
 
 
 def token_ids(vocab: int, b: int = 2, s: int = 24, seed: int = 0) -> torch.Tensor:

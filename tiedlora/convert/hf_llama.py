@@ -1,4 +1,11 @@
-"""Hugging Face LLaMA checkpoints (LLaMA-2 and LLaMA-architecture models, incl. GQA).
+"""Hugging Face checkpoints of the LLaMA family: LLaMA-2/3.x, Mistral and Qwen2/2.5.
+
+The three share one block (RMSNorm, RoPE, SwiGLU, optional grouped-query attention) and
+differ in settings :func:`model_config` reads from ``config.json``: LLaMA-3.x's RoPE
+scaling (``rope_type: llama3``), Qwen2's q/k/v biases, Mistral's sliding window (accepted
+only where it never binds: the model's sequence length is capped at it), tied embeddings,
+a ``head_dim`` other than hidden/heads. Every other field is known not to change the
+computation or is refused by name (a field we do not understand is never ignored).
 
 A model directory holds ``config.json``, the weights (``model.safetensors``, or shards
 named by ``model.safetensors.index.json``; or ``pytorch_model*.bin`` likewise) and the
@@ -9,6 +16,7 @@ tokenizer (``tokenizer.model`` and/or ``tokenizer.json``). Keys and where they l
     model.layers.i.input_layernorm.weight      decoder.layers.i.input_layernorm.weight
     model.layers.i.self_attn.{q,k,v}_proj      decoder.layers.i.self_attention.linear_qkv
         fused per query group g: [q heads of g (heads/groups of them); k_g; v_g]
+        (weights, and Qwen2's biases likewise)
     model.layers.i.self_attn.o_proj            decoder.layers.i.self_attention.linear_proj
     model.layers.i.post_attention_layernorm    decoder.layers.i.pre_mlp_layernorm
     model.layers.i.mlp.{gate,up}_proj          decoder.layers.i.mlp.linear_fc1 = [gate; up]
@@ -65,65 +73,143 @@ def read_config(path: Path) -> dict:
         raise CheckpointFormatError(f"{f}: not valid JSON ({e})") from None
 
 
-def _rope(hcfg: dict, where: str) -> float:
+# model_type -> the transformers class it loads as; all three are the LLaMA block (RMSNorm,
+# RoPE, SwiGLU, optional GQA) and differ only in the settings read below
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# config.json fields that do not change the model's computation (ids, bookkeeping, how
+# transformers runs it); every other field is either read below or refused
+_BENIGN = {"architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+           "transformers_version", "use_cache", "initializer_range", "_name_or_path", "_commit_hash", "output_attentions",
+           "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "is_encoder_decoder",
+           "chunk_size_feed_forward", "tie_word_embeddings",
+           # pretraining_tp only changes how transformers splits LLaMA's matmuls, not the weights
+           "pretraining_tp"}
+_READ = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "vocab_size", "rope_theta",
+         "rope_scaling", "rope_parameters", "attention_dropout", "attention_bias", "mlp_bias",
+         "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "use_mrope"}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hcfg: dict, where: str) -> Tuple[float, dict]:
+    """(rope_theta, ModelConfig's rope-scaling fields) of a config.json in either layout.
+
+    transformers 5 writes ``rope_parameters`` (theta and type inside); checkpoints saved with
+    transformers 4 carry top-level ``rope_theta`` and ``rope_scaling``.
+    """
     params = hcfg.get("rope_parameters")
-    if params is None:  # transformers 4.x: rope_theta and rope_scaling at the top level
+    if params is None:
         params = dict(hcfg.get("rope_scaling") or {})
         params.setdefault("rope_theta", hcfg.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in (None, "default"):
+    params = dict(params)
+    rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
+    theta = float(params.pop("rope_theta", hcfg.get("rope_theta", 10000.0)))
+    if float(params.pop("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointFormatError(f"{where}: partial_rotary_factor={hcfg.get('partial_rotary_factor')!r} "
+                                    "(rotating part of each head) is not supported for this family")
+    if rope_type == "default":
+        if params:
+            raise CheckpointFormatError(f"{where}: RoPE fields {sorted(params)} with rope_type 'default' "
+                                        "are not understood")
+        return theta, {}
+    if rope_type != "llama3":
         raise CheckpointFormatError(
-            f"{where}: rope_type={rope_type!r}: only plain RoPE (rope_type 'default') is supported")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise CheckpointFormatError(f"{where}: partial_rotary_factor is not supported for LLaMA")
-    return float(params.get("rope_theta", 10000.0))
+            f"{where}: rope_type={rope_type!r}: only plain RoPE ('default') and LLaMA-3.x scaling ('llama3') "
+            "are supported")
+    missing = [k for k in _LLAMA3_KEYS if k not in params]
+    extra = sorted(set(params) - set(_LLAMA3_KEYS))
+    if missing or extra:
+        raise CheckpointFormatError(
+            f"{where}: rope_type 'llama3' " + (f"without {missing}" if missing else f"with unknown fields {extra}"))
+    return theta, {"rope_scaling": "llama3", "rope_scaling_factor": float(params["factor"]),
+                   "rope_scaling_low_freq_factor": float(params["low_freq_factor"]),
+                   "rope_scaling_high_freq_factor": float(params["high_freq_factor"]),
+                   "rope_scaling_original_max_positions": int(params["original_max_position_embeddings"])}
+
+
+def _window(hcfg: dict, family: str, layers: int) -> Optional[int]:
+    """The sliding attention window any layer uses, or None (full causal attention everywhere)."""
+    w = hcfg.get("sliding_window")
+    if w is None:
+        return None
+    if family == "qwen2":  # Qwen2 windows only layers >= max_window_layers, and only when asked
+        if not hcfg.get("use_sliding_window", False):
+            return None
+        types = hcfg.get("layer_types")
+        sliding = ("sliding_attention" in types) if types else int(hcfg.get("max_window_layers", 0)) < layers
+        if not sliding:
+            return None
+    if family == "llama":
+        raise CheckpointFormatError(f"sliding_window={w!r}: LLaMA has no sliding-window attention")
+    return int(w)
 
 
 def model_config(hcfg: dict, name: str, where: str) -> ModelConfig:
-    """ModelConfig of a Hugging Face LLaMA ``config.json``."""
+    """ModelConfig of a Hugging Face ``config.json`` of the LLaMA family (LLaMA-2/3.x, Mistral, Qwen2/2.5).
+
+    Every field is read, known not to change the computation, or refused by name.
+    """
+    family = hcfg.get("model_type")
     arch = hcfg.get("architectures") or []
-    if hcfg.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+    if family not in FAMILIES or (arch and FAMILIES[family] not in arch):
         raise CheckpointFormatError(
-            f"{where}: model_type={hcfg.get('model_type')!r} (architectures {arch}): only LLaMA "
-            "(model_type 'llama') checkpoints are supported")
+            f"{where}: model_type={family!r} (architectures {arch}): supported are "
+            + ", ".join(f"{t!r} ({c})" for t, c in FAMILIES.items()))
+    unknown = sorted(set(hcfg) - _BENIGN - _READ)
+    if unknown:
+        raise CheckpointFormatError(
+            f"{where}: {CONFIG_FILE} field(s) " + ", ".join(f"{k}={hcfg[k]!r}" for k in unknown)
+            + f" are not understood by the {family} converter and may change the model's computation; "
+            "refusing rather than ignoring them")
     if hcfg.get("hidden_act", "silu") != "silu":
         raise CheckpointFormatError(f"{where}: hidden_act={hcfg.get('hidden_act')!r}: expected silu")
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("attention_bias", "mlp_bias"):  # LLaMA's optional biases (o_proj too: no megatron setting)
         if hcfg.get(key):
-            raise CheckpointFormatError(f"{where}: {key}=true is not supported (LLaMA has no biases)")
-    # pretraining_tp only changes how transformers splits the matmuls, not the weights.
-    theta = _rope(hcfg, where)
+            raise CheckpointFormatError(f"{where}: {key}=true is not supported (LLaMA without biases only)")
+    if hcfg.get("use_mrope"):
+        raise CheckpointFormatError(f"{where}: use_mrope=true (Qwen2-VL's multimodal RoPE) is not supported")
+    if float(hcfg.get("attention_dropout") or 0.0) != 0.0:
+        raise CheckpointFormatError(f"{where}: attention_dropout={hcfg['attention_dropout']!r}: the base is "
+                                    "fine-tuned with attention dropout off; expected 0.0")
+    theta, scaling = _rope(hcfg, where)
     if theta != int(theta):
         raise CheckpointFormatError(f"{where}: rope_theta={theta!r}: must be an integer")
     heads = int(hcfg["num_attention_heads"])
     hidden = int(hcfg["hidden_size"])
+    layers = int(hcfg["num_hidden_layers"])
     kv = hcfg.get("num_key_value_heads")
     head_dim = hcfg.get("head_dim")
     dtype = hcfg.get("dtype") or hcfg.get("torch_dtype") or "float32"
     try:
+        window = _window(hcfg, family, layers)
+        seq = int(hcfg.get("max_position_embeddings", 4096))
         return ModelConfig(
             name=name,
-            num_layers=int(hcfg["num_hidden_layers"]),
+            num_layers=layers,
             hidden_size=hidden,
             ffn_hidden_size=int(hcfg["intermediate_size"]),
             num_attention_heads=heads,
             num_query_groups=None if kv in (None, heads) else int(kv),
             kv_channels=None if head_dim in (None, hidden // heads) else int(head_dim),
             vocab_size=int(hcfg["vocab_size"]),
-            seq_length=int(hcfg.get("max_position_embeddings", 4096)),
+            # a window at least this long never binds, so attention within it is exact
+            seq_length=seq if window is None else min(seq, window),
             normalization="RMSNorm",
             layernorm_epsilon=float(hcfg.get("rms_norm_eps", 1e-6)),
             activation="swiglu",
             position_embedding_type="rope",
             rotary_percent=1.0,
             rotary_base=int(theta),
+            **scaling,
             add_bias_linear=False,
+            add_qkv_bias=family == "qwen2",  # Qwen2 always has q/k/v biases (no config field)
+            sliding_window=window,
             untie_embeddings_and_output_weights=not bool(hcfg.get("tie_word_embeddings", False)),
             params_dtype=_DTYPES.get(str(dtype).replace("torch.", ""), "float32"),
         )
     except KeyError as e:
         raise CheckpointFormatError(f"{where}: {CONFIG_FILE} has no {e.args[0]!r}") from None
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointFormatError(f"{where}: {CONFIG_FILE}: {e}") from None
 
 
@@ -234,7 +320,7 @@ _DIRECT = [
     (re.compile("^" + _L + r"self_attn\.o_proj\.weight$"), r"decoder.layers.\1.self_attention.linear_proj.weight"),
     (re.compile("^" + _L + r"mlp\.down_proj\.weight$"), r"decoder.layers.\1.mlp.linear_fc2.weight"),
 ]
-_FUSED = re.compile("^" + _L + r"(self_attn\.([qkv])_proj|mlp\.(gate|up)_proj)\.weight$")
+_FUSED = re.compile("^" + _L + r"(self_attn\.([qkv])_proj|mlp\.(gate|up)_proj)\.(weight|bias)$")
 _IGNORED = re.compile("^" + _L + r"self_attn\.rotary_emb\.inv_freq$")
 
 
@@ -262,27 +348,27 @@ def to_canonical(files: WeightFiles, cfg: ModelConfig, where: str) -> Tuple[Sour
             if not m:
                 unknown.append(key)
                 continue
-            i, which = m.group(1), m.group(3) or m.group(4)
+            i, which, what = m.group(1), m.group(3) or m.group(4), m.group(5)
             kind = "qkv" if which in "qkv" else "fc1"
-            parts.setdefault((i, kind), {})[which] = key
+            parts.setdefault((i, kind, what), {})[which] = key
     if unknown:
         raise CheckpointFormatError(f"{where}: unknown key(s) {_short(sorted(unknown, key=_natural))}")
     if len(prefixes) > 1:
         raise CheckpointFormatError(f"{where}: mixed key prefixes {sorted(prefixes)}")
-    for (i, kind), keys in parts.items():
+    for (i, kind, what), keys in parts.items():
         need = ("q", "k", "v") if kind == "qkv" else ("gate", "up")
         missing = [n for n in need if n not in keys]
         if missing:
             raise CheckpointFormatError(
                 f"{where}: layer {i}: {', '.join(keys.values())} without its "
-                f"{'/'.join(m + '_proj' for m in missing)}")
+                f"{'/'.join(m + '_proj.' + what for m in missing)}")
         if kind == "qkv":
             q, k, v = (keys[n] for n in need)
-            name = f"decoder.layers.{i}.self_attention.linear_qkv.weight"
+            name = f"decoder.layers.{i}.self_attention.linear_qkv.{what}"
             source[name] = LazyTensor(f"{q} + k_proj + v_proj", _fused_qkv(files, q, k, v, cfg, where))
         else:
             g, u = keys["gate"], keys["up"]
-            name = f"decoder.layers.{i}.mlp.linear_fc1.weight"
+            name = f"decoder.layers.{i}.mlp.linear_fc1.{what}"
             source[name] = LazyTensor(f"{g} + up_proj", lambda g=g, u=u: torch.cat([files.read(g), files.read(u)], 0))
     return source, (prefixes.pop() if prefixes else "model.")
 
@@ -303,20 +389,20 @@ def _fused_qkv(files: WeightFiles, q: str, k: str, v: str, cfg: ModelConfig, whe
 
 def from_canonical(name: str, t: torch.Tensor, cfg: ModelConfig, prefix: str) -> Dict[str, torch.Tensor]:
     """Inverse of the key table for one canonical tensor."""
-    m = re.match(r"^decoder\.layers\.(\d+)\.(.*)\.weight$", name)
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.*)\.(weight|bias)$", name)
     if m:
-        i, mod = m.groups()
+        i, mod, what = m.groups()
         p = f"{prefix}layers.{i}."
         if mod == "self_attention.linear_qkv":
             q, k, v = split_qkv(t, cfg)
-            return {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                    p + "self_attn.v_proj.weight": v}
+            return {p + f"self_attn.q_proj.{what}": q, p + f"self_attn.k_proj.{what}": k,
+                    p + f"self_attn.v_proj.{what}": v}
         if mod == "mlp.linear_fc1":
             gate, up = split_fc1(t)
-            return {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
+            return {p + f"mlp.gate_proj.{what}": gate, p + f"mlp.up_proj.{what}": up}
         table = {"input_layernorm": "input_layernorm", "pre_mlp_layernorm": "post_attention_layernorm",
                  "self_attention.linear_proj": "self_attn.o_proj", "mlp.linear_fc2": "mlp.down_proj"}
-        return {p + table[mod] + ".weight": t}
+        return {p + table[mod] + f".{what}": t}
     table = {"embedding.word_embeddings.weight": prefix + "embed_tokens.weight",
              "decoder.final_layernorm.weight": prefix + "norm.weight",
              "output_layer.weight": "lm_head.weight"}

@@ -17,7 +17,8 @@ TP=1 layout)::
     decoder.final_layernorm.{weight,bias}             [h]
     output_layer.weight                               [V, h]      (untied embeddings only)
 
-(plus ``.bias`` of the four linears when ``add_bias_linear``). A source is a
+(plus ``.bias`` of the four linears when ``add_bias_linear``, of ``linear_qkv`` alone when
+``add_qkv_bias``, fused like its weight). A source is a
 :class:`Source`: a dict canonical name -> :class:`LazyTensor` (the tensor is read only when
 this rank needs it, so a rank holds one full tensor at a time, never the whole model),
 checked against :func:`expected_names` so that every unknown or missing key is reported by
@@ -83,7 +84,7 @@ def expected_names(cfg: ModelConfig) -> List[str]:
         names += [p + "pre_mlp_layernorm." + w for w in ln]
         for target in LINEARS:
             names.append(layer_name(i, target))
-            if cfg.add_bias_linear:
+            if cfg.add_bias_linear or (cfg.add_qkv_bias and target == "linear_qkv"):
                 names.append(layer_name(i, target, "bias"))
     names += ["decoder.final_layernorm." + w for w in ln]
     if cfg.untie_embeddings_and_output_weights:
@@ -256,8 +257,10 @@ def gather_full(chunks: List[nn.Module], names: Optional[Iterable[str]] = None) 
 # ------------------------------------------------------------------------ shared checks
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "normalization", "layernorm_zero_centered_gamma", "activation",
-               "position_embedding_type", "add_bias_linear", "untie_embeddings_and_output_weights",
-               "vocab_size")
+               "position_embedding_type", "add_bias_linear", "add_qkv_bias",
+               "untie_embeddings_and_output_weights", "vocab_size", "sliding_window")
+ROPE_SCALING_FIELDS = ("rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                       "rope_scaling_high_freq_factor", "rope_scaling_original_max_positions")
 
 
 def check_model_matches(cfg: ModelConfig, ckpt: ModelConfig, where: str) -> None:
@@ -274,6 +277,9 @@ def check_model_matches(cfg: ModelConfig, ckpt: ModelConfig, where: str) -> None
     if cfg.position_embedding_type == "rope":
         derived["rotary_percent"] = (cfg.rotary_percent, ckpt.rotary_percent)
         derived["rotary_base"] = (cfg.rotary_base, ckpt.rotary_base)
+        derived["rope_scaling"] = (cfg.rope_scaling, ckpt.rope_scaling)
+        if cfg.rope_scaling is not None:
+            derived.update({f: (getattr(cfg, f), getattr(ckpt, f)) for f in ROPE_SCALING_FIELDS[1:]})
     for f, (a, b) in derived.items():
         if a != b:
             diffs.append(f"model.{f}: {a!r} (checkpoint: {b!r})")

@@ -54,6 +54,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, perform_in
         gated_linear_unit=cfg.activation == "swiglu",
         activation_func=F.silu if cfg.activation == "swiglu" else F.gelu,
         add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
@@ -156,12 +157,32 @@ def build_gpt_model(
         return model
     model = GPTModel(**kwargs)
     check_gated_fc1_stride(model)
+    apply_rope_scaling(model, cfg)
     if cfg.recompute_granularity is not None and pre:
         # megatron's recompute (torch's reentrant checkpoint) only backpropagates into a
         # recomputed segment whose input needs a gradient; with a frozen embedding it does not,
         # and the adapters of the first segment would get no gradient at all.
         model.embedding.register_forward_hook(_input_requires_grad)
     return model.to(compat.default_device())
+
+
+def apply_rope_scaling(model, cfg: ModelConfig) -> None:
+    """Scale the RoPE frequencies of ``model`` as ``cfg.rope_scaling`` says (before any forward).
+
+    ``llama3`` (LLaMA-3.1/3.2) keeps wavelengths below ``original_max_positions /
+    high_freq_factor``, divides those above ``original_max_positions / low_freq_factor`` by
+    ``factor`` and blends linearly in between. megatron-core implements exactly this
+    (``RotaryEmbedding._apply_scaling``) but its GPTModel passes only the factor, keeping
+    LLaMA-3.1's other three numbers; LLaMA-3.2 and others need them from the checkpoint, so
+    the frequencies are recomputed here with all four.
+    """
+    rope = getattr(model, "rotary_pos_emb", None)
+    if cfg.rope_scaling is None or rope is None:
+        return
+    rope.inv_freq = rope._apply_scaling(
+        rope.inv_freq, factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_scaling_low_freq_factor,
+        high_freq_factor=cfg.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_scaling_original_max_positions)
 
 
 def _input_requires_grad(module, inputs, output):
