@@ -30,11 +30,13 @@ PAPER_TRAINER = {"global_batch_size": 128, "micro_batch_size": 4, "val_check_int
                  "early_stopping_patience": 10}
 TASKS = ["squad", "dialogsum", "hellaswag", "iwslt2017_de_en", "gsm8k"]
 RANKS = [2, 8, 32, 128]
-MODELS = ["gpt2b_001", "llama2_7b"]
+# model -> its presets: the paper's two bases with all nine, LLaMA-3.1-8B with LoRA, VeRA and TL6
+MODELS = {"gpt2b_001": PRESETS, "llama2_7b": PRESETS, "llama3_8b": ["lora", "vera", "tl6"]}
 GPUS = 8
-CHECKPOINTS = {"GPT2B_001": "/ckpt/GPT-2B-001_bf16_tp1.nemo", "LLAMA2_7B": "/ckpt/Llama-2-7b-hf"}
-ENV = {"gpt2b_001": "GPT2B_001", "llama2_7b": "LLAMA2_7B"}  # the variable each model's recipes read
-GRID = [f"{m}/{t}/{p}_r{r}" for m in MODELS for t in TASKS for p in PRESETS for r in RANKS]
+CHECKPOINTS = {"GPT2B_001": "/ckpt/GPT-2B-001_bf16_tp1.nemo", "LLAMA2_7B": "/ckpt/Llama-2-7b-hf",
+               "LLAMA3_8B": "/ckpt/Llama-3.1-8B"}
+ENV = {"gpt2b_001": "GPT2B_001", "llama2_7b": "LLAMA2_7B", "llama3_8b": "LLAMA3_8B"}  # the variable each model's recipes read
+GRID = [f"{m}/{t}/{p}_r{r}" for m, presets in MODELS.items() for t in TASKS for p in presets for r in RANKS]
 
 
 # ------------------------------------------------------------------ composition helpers
@@ -74,7 +76,7 @@ def _compose_folder(folder: str) -> dict:
     GlobalHydra.instance().clear()
     out = {}
     with initialize_config_dir(config_dir=folder, version_base="1.3"):
-        for preset in PRESETS:
+        for preset in MODELS[Path(folder).parent.name]:
             first = None
             for rank in RANKS:
                 f = Path(folder) / f"{preset}_r{rank}.yaml"
@@ -141,8 +143,8 @@ def test_drift_check_catches_edits_missing_and_stale_files(tmp_path):
 def test_grid_is_complete_and_uses_existing_groups():
     found = sorted(p.relative_to(ROOT / "recipes").with_suffix("").as_posix()
                    for p in (ROOT / "recipes").glob("*/*/*.yaml"))
-    assert found == sorted(GRID) and len(found) == 360
-    for group, names in (("model", MODELS), ("task", TASKS), ("peft", PRESETS)):
+    assert found == sorted(GRID) and len(found) == 2 * 180 + 60
+    for group, names in (("model", list(MODELS)), ("task", TASKS), ("peft", PRESETS)):
         assert all((CONF_DIR / group / f"{n}.yaml").is_file() for n in names), group
     for path in (ROOT / "recipes").glob("*/*/*.yaml"):
         lines = path.read_text().splitlines()
@@ -164,7 +166,7 @@ def test_recipe_composes_and_validates(composed, rid):
     assert {k: cfg["trainer"][k] for k in PAPER_TRAINER} == PAPER_TRAINER
     t = cfg["task"]
     assert (t["max_length"], t["answer_only_loss"], t["data_dir"], t["eval_split"]) == (2048, True, f"data/{task}", "test")
-    assert t["add_bos"] == (model == "llama2_7b")
+    assert t["add_bos"] == model.startswith("llama")
     assert cfg["model"]["checkpoint"] == CHECKPOINTS[ENV[model]]
     assert cfg["output_dir"] == f"outputs/paper/{rid}"
     # the layout fits one node of 8 GPUs and the global batch splits evenly over it
@@ -192,7 +194,7 @@ def test_grid_file_is_the_same_grid_as_the_recipes(model, monkeypatch):
     points = {f"{model}/{t}/{p}_r{r}" for t, p, r in itertools.product(params["task"], params["peft"], params["peft.rank"])}
     assert set(params) == {"task", "peft", "peft.rank"}
     assert points == {rid for rid in GRID if rid.startswith(model + "/")}
-    for task, preset, rank in (("hellaswag", "vera", 32), ("gsm8k", "tl4", 2)):  # one job == its recipe
+    for task, preset, rank in (("hellaswag", "vera", 32), ("gsm8k", MODELS[model][-1], 2)):  # one job == its recipe
         job = _compose(str(ROOT / "recipes" / model), "grid", [f"task={task}", f"peft={preset}",
                                                                f"peft.rank={rank}"])
         recipe = _compose(str(ROOT / "recipes" / model / task), f"{preset}_r{rank}")
