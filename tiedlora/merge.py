@@ -39,6 +39,7 @@ from torch import nn
 from tiedlora import compat
 from tiedlora.config import ModelConfig, ParallelConfig
 from tiedlora.dist import barrier, is_rank0
+from tiedlora.files import warn_if_run_dir_held
 from tiedlora.peft.delta import delta_weight
 
 
@@ -205,6 +206,8 @@ def main(argv: Optional[List[str]] = None) -> Path:
     parallel = ParallelConfig(tp=int(os.environ.get("WORLD_SIZE", "1")))
     init_distributed(parallel)
     rank = dist.get_rank()
+    if rank == 0:
+        warn_if_run_dir_held(args.adapter, "adapter")
     try:
         out = merge_checkpoint(args.adapter, model_cfg, args.output, parallel)
     finally:
