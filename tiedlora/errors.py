@@ -19,8 +19,8 @@ EXIT_STATUSES = {
                      "one `error:` line, no traceback",
     EXIT_PREEMPTED: "preempted: a signal asked for a checkpoint, it was saved; rerun (the Slurm scripts "
                     "requeue) to resume",
-    EXIT_DIVERGED: "the training diverged (non-finite loss or gradients): no adapter or metrics were "
-                   "written, results.json says \"status\": \"diverged\"",
+    EXIT_DIVERGED: "the training diverged (non-finite loss or gradients): it wrote no adapter and no scores; "
+                   "results.json says \"status\": \"diverged\"",
     EXIT_WRITE_FAILED: "an output could not be written (disk full, quota, read-only or failing storage): "
                        "the previous checkpoint stays `latest`; free space and rerun to resume",
 }

@@ -88,7 +88,7 @@ def storage_errors(path: os.PathLike | str, operation: str) -> Iterator[None]:
             raise
         code = errno.errorcode.get(e.errno, str(e.errno))
         raise WriteFailed(f"could not write {path} ({operation}): {e.strerror or e} [{code}]; "
-                          f"{free_space(path)} free on its file system", str(path), operation) from e
+                          f"{free_space(path)} left on its file system", str(path), operation) from e
 
 
 @contextlib.contextmanager
@@ -147,9 +147,12 @@ def staged_dir(path: os.PathLike | str, replace: bool = False, operation: str = 
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, WriteFailed):  # name where it was going, not the deleted temporary folder
+                e.args = (str(e).replace(str(tmp), str(path)),)
+                e.path = e.path.replace(str(tmp), str(path))
         raise
 
 
@@ -158,15 +161,20 @@ def append_line(path: os.PathLike | str, line: str, operation: str = "append a l
     the file holds whole lines only (a JSONL reader never meets half a record)."""
     path = Path(path)
     with storage_errors(path, operation):
-        with open(path, "ab") as f:
-            end = f.tell()
+        # unbuffered: a buffered file would retry the unwritten rest at truncate() and close()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            rest = memoryview((line + "\n").encode("utf-8"))
             try:
-                f.write((line + "\n").encode("utf-8"))
-                f.flush()
+                while rest:  # a short write is legal: write the rest, or fail
+                    rest = rest[os.write(fd, rest):]
             except BaseException:
                 with contextlib.suppress(OSError):
-                    f.truncate(end)
+                    os.ftruncate(fd, end)
                 raise
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------- JSON
@@ -246,7 +254,8 @@ class RunDirBusy(UserError):
 
 class RunLock:
     """An exclusive ``flock`` on ``<folder>/run.lock``, held until :meth:`release` or the
-    process ends (the kernel drops it then: a SIGKILLed run leaves no stale lock)."""
+    process ends (the kernel drops it then: a SIGKILLed run leaves no stale lock); keep a
+    reference to it, as the file it holds open is closed (and the lock dropped) with it."""
 
     def __init__(self, folder: Path, f, holder: dict):
         self.folder, self._f, self.holder = folder, f, holder

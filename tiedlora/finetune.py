@@ -390,7 +390,8 @@ def _nonfinite_message(run: Run, step: int, cause: str, loss: float, grad_norm: 
     why = (f"non-finite {cause} at step {step} (loss {loss:.4g}, gradient norm {grad_norm:.4g}, "
            f"learning rate {lr:.3g})")
     if t.nonfinite == "skip":
-        why += f"; {run.state['skipped_in_a_row']} optimizer steps skipped in a row (trainer.max_skipped_steps)"
+        n = run.state["skipped_in_a_row"]
+        why += f"; {n} optimizer step{'s' if n > 1 else ''} skipped in a row (trainer.max_skipped_steps={n})"
     hints = [f"a lower optim.lr (now {o.lr:g})"]
     if not o.grad_clip:
         hints.append("gradient clipping (optim.grad_clip=1.0)")
