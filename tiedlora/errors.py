@@ -33,7 +33,7 @@ def preempt_exit_code_problem(code) -> str | None:
     taken = sorted(set(EXIT_STATUSES) - {EXIT_PREEMPTED})
     if not isinstance(code, int) or not 0 < code < 256 or code in taken:
         return (f"must be in 1..255 and not {', '.join(map(str, taken))}, which mean something else "
-                "(README, 'Exit statuses')")
+                "(README, 'Errors and exit statuses')")
     return None
 
 
