@@ -5,6 +5,9 @@ The faults are chosen by environment variables (each optional):
 
 * ``FAULT_NAN_STEPS=3,8,9``: one adapter gradient element becomes NaN in these steps (1-based),
   after the gradient sum and before clipping, so the global norm the loop checks is a real NaN.
+* ``FAULT_NAN_VAL_STEPS=2``: the validation loss of these steps is NaN.
+* ``FAULT_NAN_PARAM_STEP=5``: after step 5's update one adapter value becomes NaN (an update
+  that overflowed).
 * ``FAULT_ENOSPC=<glob>[@<n>]``: the ``n``-th (default first) write to a path matching the glob
   (fnmatch on the absolute path) writes half its bytes and then fails with ``OSError(ENOSPC)``,
   as a full disk does; ``os.write`` (appends to metrics.jsonl) and ``Path.write_bytes`` (every
@@ -20,6 +23,8 @@ import os
 import pathlib
 import signal
 import sys
+
+import torch
 
 
 def _enospc(path: str) -> OSError:
@@ -51,6 +56,28 @@ def install() -> None:
                 grad = next(r.param.grad for r in trainable_params(chunks) if r.param.grad is not None)
                 grad.view(-1)[0] = float("nan")
         finetune.finalize_adapter_grads = poisoned
+
+    nan_val = {int(s) for s in os.environ.get("FAULT_NAN_VAL_STEPS", "").split(",") if s}
+    if nan_val:
+        orig_val = finetune.validation_loss
+
+        def val_loss(run):
+            loss = orig_val(run)
+            return float("nan") if step[0] in nan_val else loss
+        finetune.validation_loss = val_loss
+
+    nan_param = int(os.environ.get("FAULT_NAN_PARAM_STEP", "0"))
+    if nan_param:
+        orig_sync = finetune.sync_tied_copies
+
+        def overflowed(chunks):
+            orig_sync(chunks)
+            if step[0] == nan_param:
+                from tiedlora.peft.model import trainable_params
+
+                with torch.no_grad():
+                    trainable_params(chunks)[0].param.view(-1)[0] = float("inf")
+        finetune.sync_tied_copies = overflowed
 
     spec = os.environ.get("FAULT_ENOSPC")
     if spec:

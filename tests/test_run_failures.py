@@ -199,6 +199,25 @@ def test_nonfinite_raise_stops_at_the_first_bad_step(tiny_base, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 
+def test_a_nonfinite_validation_loss_is_never_best_and_overflowed_parameters_are_never_saved(tiny_base, tmp_path):
+    """The first validation loss (step 2) is NaN: not best (before, the first check was best
+    whatever it was, and nothing finite beats NaN); step 4's is. After step 5 an adapter value
+    overflows to infinity: step 6 is skipped, and its checkpoint is refused, ending the run."""
+    out = tmp_path / "overflow"
+    res = finetune(tiny_base, "peft=tl6", "trainer.max_steps=8", *FAST, "trainer.val_check_interval=2",
+                   "checkpoint.every_n_steps=2", f"output_dir={out}",
+                   faults={"FAULT_NAN_VAL_STEPS": "2", "FAULT_NAN_PARAM_STEP": "5"})
+    one_error(res, 4, "parameters became non-finite by step 6", "no checkpoint was written",
+              "the last checkpoint, step_0000004")
+    lines = metrics(out)
+    assert lines[1]["val_loss"] is None and lines[3]["val_loss"] is not None and lines[5]["skipped"] == "loss and gradients"
+    results = strict((out / "results.json").read_text())
+    assert results["best_step"] == 4 and results["best_val_loss"] == lines[3]["val_loss"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000002", "step_0000004"]
+    assert not (out / "adapter.safetensors").exists()
+
+
+@pytest.mark.numerics  # bit-identical to the undisturbed run under every CPU kernel set
 def test_skipped_steps_survive_a_kill_and_resume_bit_exactly(tiny_base, tmp_path):
     """NaN gradients in steps 3, 8, 9, 10 with max_skipped_steps=3: step 3 is skipped and the run
     goes on; 8-10 are three in a row, so the run stops at step 10. A run killed right after step
@@ -261,24 +280,42 @@ def test_a_second_run_on_the_same_output_dir_exits_2_naming_the_first(tiny_base,
 def test_every_rank_exits_2_together_when_the_folder_is_held(tiny_base, tmp_path):
     """Two ranks (as torchrun or srun start them): rank 0 finds the folder held by a Slurm job,
     both ranks exit 2, and only rank 0 prints the one message."""
-    from tiedlora.dist import _free_port
-
     out = tmp_path / "held"
-    args = ["peft=tl6", "trainer.max_steps=2", *FAST, f"output_dir={out}"]
-    port = str(_free_port())
     with HeldLock(out, tiny_base["env"], SLURM_JOB_ID="4242"):
-        procs = [finetune(tiny_base, *args, popen=True, extra_env={
-            "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-            for r in (0, 1)]
-        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outs]
-    err = outs[0][1] + outs[1][1]
-    assert err.count("error: ") == 1 and "Traceback" not in err, err[-4000:]
-    assert f"output_dir {out} is in use by another run" in outs[0][1] and "Slurm job 4242" in outs[0][1]
+        codes, errs = _two_ranks(tiny_base, "peft=tl6", "trainer.max_steps=2", *FAST, f"output_dir={out}")
+    assert codes == [2, 2], [e[-2000:] for e in errs]
+    assert (errs[0] + errs[1]).count("error: ") == 1 and "Traceback" not in errs[0] + errs[1]
+    assert f"output_dir {out} is in use by another run" in errs[0] and "Slurm job 4242" in errs[0]
     assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
 
 
+def _two_ranks(env: dict, *args: str, faults: dict | None = None):
+    """Run rank 0 and rank 1 as torchrun or srun would start them; (exit statuses, stderr of both)."""
+    from tiedlora.dist import _free_port
+
+    port = str(_free_port())
+    procs = [finetune(env, *args, popen=True, faults=faults, extra_env={
+        "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        for r in (0, 1)]
+    errs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    return [p.returncode for p in procs], errs
+
+
+def test_every_rank_exits_5_together_when_rank_0_cannot_write(tiny_base, tmp_path):
+    """Data parallel over two ranks; rank 0's checkpoint write meets a full disk: both ranks
+    stop with status 5 (rank 1 is not left waiting in the next collective), one message."""
+    out = tmp_path / "dp2"
+    codes, errs = _two_ranks(tiny_base, "peft=tl6", "trainer.max_steps=4", *FAST, "checkpoint.every_n_steps=2",
+                             f"output_dir={out}",
+                             faults={"FAULT_ENOSPC": f"{out}/checkpoints/.step_0000004.*/.adapter.safetensors.*"})
+    assert codes == [5, 5], [e[-2000:] for e in errs]
+    assert (errs[0] + errs[1]).count("error: ") == 1 and "Traceback" not in errs[0] + errs[1]
+    assert f"could not write {out}/checkpoints/step_0000004/adapter.safetensors" in errs[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002" and leftovers(out) == []
+
+
 # ---------------------------------------------------------------------- a full disk
+@pytest.mark.numerics  # bit-identical to the undisturbed run under every CPU kernel set
 def test_disk_full_while_saving_ends_cleanly_and_the_rerun_resumes(tiny_base, completed, tmp_path):
     """A write that fails with ENOSPC halfway, three times over (a metrics line, a checkpoint's
     state file, results.json): one ``error:`` line with the path, the operation and the free

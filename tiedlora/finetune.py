@@ -270,6 +270,14 @@ def train(run: Run) -> float:
         if writer:
             writer.close()
 
+    failed: List[WriteFailed] = []  # rank 0's refused writes of this step; all ranks agree at its end
+
+    def rank0_try(write):
+        try:
+            write()
+        except WriteFailed as e:
+            failed.append(e)
+
     step = first_step = state["step"]
     t_loop = time.time()
     while step < max_steps and not state["stopped_early"]:
@@ -301,37 +309,24 @@ def train(run: Run) -> float:
                   "tokens_per_s": seen / dt, "step_time_s": dt}
         if nonfinite:
             record.update(skipped=nonfinite, skipped_steps=state["skipped_steps"])
-        failed: List[WriteFailed] = []  # rank 0's writes of this step; all ranks agree below
-
-        def rank0_try(write):
-            try:
-                write()
-            except WriteFailed as e:
-                failed.append(e)
-
-        try:
-            if cfg.trainer.val_check_interval and (step % cfg.trainer.val_check_interval == 0
-                                                   or step == max_steps):
-                val = validation_loss(run)
-                record["val_loss"] = finite_or_none(val)
-                best = state["best_val"]
-                if math.isfinite(val) and (best is None or val < best - cfg.trainer.early_stopping_min_delta):
-                    state.update(best_val=val, best_step=step, bad_checks=0)
-                    best_sd = adapter_state_dict(chunks, groups=groups)
-                    if ckpt.nonfinite_tensors(best_sd):  # the same on every rank (full tensors)
-                        raise RunDiverged(f"the adapter's parameters became non-finite by step {step}")
-                    if rank0:
-                        rank0_try(lambda: ckpt.save_adapter(
-                            run.out / "best" / ckpt.ADAPTER_FILE, best_sd, cfg.peft, run.model_info(),
-                            {"step": step, "val_loss": val}, "save the best adapter"))
-                else:
-                    state["bad_checks"] += 1
-                patience = cfg.trainer.early_stopping_patience
-                if patience and state["bad_checks"] >= patience:
-                    state["stopped_early"] = True
-        except RunDiverged as e:
-            close()
-            _diverged(run, step, str(e))
+        failed.clear()
+        if cfg.trainer.val_check_interval and (step % cfg.trainer.val_check_interval == 0 or step == max_steps):
+            val = validation_loss(run)
+            record["val_loss"] = finite_or_none(val)
+            best = state["best_val"]
+            # a finite loss also means finite adapter values: any NaN or inf in them reaches every output
+            if math.isfinite(val) and (best is None or val < best - cfg.trainer.early_stopping_min_delta):
+                state.update(best_val=val, best_step=step, bad_checks=0)
+                best_sd = adapter_state_dict(chunks, groups=groups)
+                if rank0:
+                    rank0_try(lambda: ckpt.save_adapter(run.out / "best" / ckpt.ADAPTER_FILE, best_sd, cfg.peft,
+                                                        run.model_info(), {"step": step, "val_loss": val},
+                                                        "save the best adapter"))
+            else:
+                state["bad_checks"] += 1
+            patience = cfg.trainer.early_stopping_patience
+            if patience and state["bad_checks"] >= patience:
+                state["stopped_early"] = True
 
         state["train_time"] += dt
         state["step"] = step
@@ -434,18 +429,16 @@ def _results_common(run: Run) -> dict:
 
 def save(run: Run, train_wall: float) -> dict:
     """Choose the final adapter (best validation loss or last), save it as
-    ``adapter.safetensors``, evaluate it, write ``results.json``; returns the results.
-    A final adapter with non-finite values is not saved: the run ends as diverged."""
+    ``adapter.safetensors``, evaluate it, write ``results.json``; returns the results."""
     cfg, state, out, groups = run.cfg, run.state, run.out, run.groups
     chosen = "last"
     if cfg.eval.use_best and state["best_step"] is not None and (out / "best" / ckpt.ADAPTER_FILE).is_file():
         tensors, _, _ = ckpt.load_adapter(out / "best" / ckpt.ADAPTER_FILE)
         load_adapter_state_dict(run.chunks, tensors, groups=groups)
         chosen = f"best (step {state['best_step']}, val loss {state['best_val']:.4f})"
+    # finite: loaded from best/ (load_adapter refuses non-finite values) or the last step's, which
+    # the final checkpoint has just checked
     final_sd = adapter_state_dict(run.chunks, groups=groups)
-    bad = ckpt.nonfinite_tensors(final_sd)  # every rank holds the full adapter: the same answer
-    if bad:
-        _diverged(run, state["step"], f"the final adapter ({chosen}) holds non-finite values in {', '.join(bad[:3])}")
     rank0_writes(lambda: ckpt.save_adapter(out / ckpt.ADAPTER_FILE, final_sd, cfg.peft, run.model_info(),
                                            {"step": state["step"], "selected": chosen}, "save the final adapter"))
     t_eval = time.time()
