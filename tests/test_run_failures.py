@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, tiny_base_args
+from helpers import ROOT, HeldLock, tiny_base_args
 
 TIMEOUT = 300
 TINY_TASK = ["task=mini_qa", "task.num_train=64", "task.num_validation=16", "task.num_test=8",
@@ -114,28 +114,6 @@ def same_steps(a: list, b: list) -> bool:
 def leftovers(folder: Path) -> list:
     """Temporary files or folders of an interrupted write (named ``.<target>.*``)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
-
-
-class HeldLock:
-    """Another process holding ``folder``'s run lock, as a running fine-tune does."""
-
-    def __init__(self, folder: Path, env: dict, **slurm):
-        code = ("import sys; from tiedlora.files import lock_run_dir; held = lock_run_dir(sys.argv[1]); "
-                "print('held', flush=True); sys.stdin.read()")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=_env(env, **slurm),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "held"
-
-    def release(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(30)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 # ------------------------------------------------------------------ non-finite values

@@ -9,33 +9,15 @@ process of the test holding the lock as a fine-tune does (``tiedlora.files.lock_
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_util import RESTART_SOON, ROOT, job_records, logs, manifest, submit, submitted_ids, wait_jobs
+from helpers import HeldLock
+from slurm_util import RESTART_SOON, job_records, logs, manifest, submit, submitted_ids, wait_jobs
 
 pytestmark = pytest.mark.slurm
-
-
-class HeldLock:
-    """A process holding ``folder``'s run lock, posing as Slurm job ``job_id``'s run."""
-
-    def __init__(self, folder: Path, env: dict, job_id: str):
-        code = ("import sys; from tiedlora.files import lock_run_dir; held = lock_run_dir(sys.argv[1]); "
-                "print(held.holder['pid'], flush=True); sys.stdin.read()")
-        env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT,
-                                     env={**env, "SLURM_JOB_ID": job_id},
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.pid = int(self.proc.stdout.readline())
-
-    def release(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(30)
 
 
 def _wait_for(predicate, what: str, sweep: Path, timeout: float = 180):
@@ -50,7 +32,7 @@ def test_a_job_on_a_folder_another_run_holds_fails_with_2_and_is_not_requeued(ti
     submit(tiny, "--sweep-dir", str(sweep), "launcher=local", "launcher.extra_sbatch=[--begin=now+8]",
            "peft=tl6", "trainer.max_steps=3", "eval.after=false", *tiny["args"])
     jid, out = submitted_ids(sweep)["train"], Path(manifest(sweep)["jobs"][0]["output_dir"])
-    holder = HeldLock(out, tiny["env"], "999")  # before the job may start (--begin)
+    holder = HeldLock(out, tiny["env"], SLURM_JOB_ID="999")  # before the job may start (--begin)
     try:
         rec = wait_jobs([jid])[jid]
     finally:
@@ -76,7 +58,7 @@ def test_a_requeued_job_waits_for_its_previous_run_to_let_go_then_resumes(tiny, 
     subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # as the time-limit warning does
     _wait_for(lambda: job_records(jid)[jid].get("Restarts") == "1"
               and job_records(jid)[jid].get("JobState") == "PENDING", "the requeue", sweep)
-    holder = HeldLock(out, tiny["env"], jid)  # the "previous run" has not let go yet
+    holder = HeldLock(out, tiny["env"], SLURM_JOB_ID=jid)  # the "previous run" has not let go yet
     try:
         subprocess.run(["scontrol", "update", f"JobId={jid}", RESTART_SOON], check=True)
         waiting = f"is held by pid {holder.pid} on "
