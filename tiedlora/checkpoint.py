@@ -79,7 +79,7 @@ def save_adapter(path: Path, tensors: Dict[str, torch.Tensor], peft_cfg: PeftCon
                  model_info: Optional[dict] = None, extra: Optional[dict] = None,
                  operation: str = "save the adapter") -> Path:
     bad = nonfinite_tensors(tensors)
-    if bad:  # the callers check first (on every rank); reaching this is a bug
+    if bad:  # finetune never hands it one (save_training_checkpoint checks on every rank): a bug
         raise RuntimeError(f"{path}: refusing to write an adapter with non-finite values in {bad[:3]}")
     meta = {"format": FORMAT, "peft_config": to_json(peft_to_dict(peft_cfg)), "model": to_json(model_info or {})}
     for k, v in (extra or {}).items():

@@ -39,9 +39,9 @@ calls :func:`report_error` from its ``except`` clause. Hydra catches a task's
 exceptions itself and prints its own report ("Error executing job ...", a trimmed traceback); the wrapper
 catches a user's mistake inside the task, before Hydra sees it, and turns on Hydra's
 ``HYDRA_FULL_ERROR`` re-raising around Hydra's own steps (override parsing, composition),
-so those reach :func:`run` too. A Hydra multirun stops at the first job with a mistake; a job that diverged does not stop
-it (one rate of a learning-rate sweep may well diverge): its message is printed, the other
-jobs run, and the multirun exits with status 4 at the end.
+so those reach :func:`run` too. A Hydra multirun stops at the first job with a mistake; a
+job that diverged does not stop it (one rate of a learning-rate sweep may well diverge): its
+message is printed, the other jobs run, and the multirun exits with status 4 at the end.
 A job that a launcher runs in another process (``hydra/launcher=slurm``) raises the
 mistake as usual; the launcher hands it back and the submitting process reports it.
 """
