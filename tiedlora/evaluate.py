@@ -32,7 +32,7 @@ from tiedlora import compat
 from tiedlora.build import build_model, load_tokenizer, param_counts, resolve_base
 from tiedlora.config import EvalConfig, FinetuneConfig, ModelConfig, TaskConfig
 from tiedlora.data.sft import PromptTemplate
-from tiedlora.dist import ProcessGroups, init_distributed, is_rank0, process_groups, shutdown
+from tiedlora.dist import ProcessGroups, detect_env, init_distributed, is_rank0, process_groups, shutdown
 from tiedlora.files import atomic_write_text, to_json, warn_if_run_dir_held
 from tiedlora.generate import continuation_logprobs, greedy_generate
 from tiedlora.metrics import compute_metrics
@@ -124,13 +124,13 @@ def run_evaluation(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"parallel.pp={cfg.parallel.pp}: evaluation runs with parallel.pp=1 "
                          "(adapters are layout-independent)")
     adapter_path = Path(cfg.adapter) if cfg.adapter else out / ckpt.ADAPTER_FILE
+    if detect_env().rank == 0:
+        warn_if_run_dir_held(adapter_path, "adapter")
     tensors, saved_peft, meta = ckpt.load_adapter(adapter_path)
     records = read_task_data(cfg.task, splits=())[cfg.task.eval_split]  # data before weights
     weights, tok_path = resolve_base(cfg.model)
     tokenizer = load_tokenizer(tok_path, cfg.model)
     init_distributed(cfg.parallel, seed=cfg.trainer.seed)
-    if is_rank0():
-        warn_if_run_dir_held(adapter_path, "adapter")
     groups = process_groups()
     chunks = build_model(cfg.model, saved_peft, cfg.parallel, weights)
     load_adapter_state_dict(chunks, tensors, groups=groups)
