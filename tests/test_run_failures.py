@@ -7,6 +7,10 @@ rerun that resumes), skipped steps across a kill and a resume, and how ``report`
 ``submit status`` show what came of them. Faults that a test cannot provoke for real (a NaN
 gradient in a chosen step, a full disk at a chosen write, a kill right after a checkpoint) are
 injected where they would strike by ``tests/faults.py``.
+
+``make test`` runs the two cases a user first met (the diverging run, the doubled run), the
+strict-JSON check and the report; the tests marked ``slow`` start several processes each and
+run in CI (``.ci/run``: ``make test-slow ARGS=tests/test_run_failures.py``).
 """
 
 from __future__ import annotations
@@ -167,6 +171,7 @@ def test_every_json_file_we_write_parses_strictly(diverged, completed):
     assert check_strict_json(completed) >= 12
 
 
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
 def test_nonfinite_raise_stops_at_the_first_bad_step(tiny_base, tmp_path):
     out = tmp_path / "raise"
     res = finetune(tiny_base, "peft=tl6", "trainer.max_steps=8", *FAST, "checkpoint.every_n_steps=2",
@@ -177,6 +182,7 @@ def test_nonfinite_raise_stops_at_the_first_bad_step(tiny_base, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
 def test_a_nonfinite_validation_loss_is_never_best_and_overflowed_parameters_are_never_saved(tiny_base, tmp_path):
     """The first validation loss (step 2) is NaN: not best (before, the first check was best
     whatever it was, and nothing finite beats NaN); step 4's is. After step 5 an adapter value
@@ -195,6 +201,7 @@ def test_a_nonfinite_validation_loss_is_never_best_and_overflowed_parameters_are
     assert not (out / "adapter.safetensors").exists()
 
 
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
 @pytest.mark.numerics  # bit-identical to the undisturbed run under every CPU kernel set
 def test_skipped_steps_survive_a_kill_and_resume_bit_exactly(tiny_base, tmp_path):
     """NaN gradients in steps 3, 8, 9, 10 with max_skipped_steps=3: step 3 is skipped and the run
@@ -215,6 +222,7 @@ def test_skipped_steps_survive_a_kill_and_resume_bit_exactly(tiny_base, tmp_path
     assert a[3]["grad_norm"] is not None and "skipped" not in a[3]  # step 4 trained again
 
 
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
 def test_a_diverged_job_does_not_stop_a_local_multirun(tiny_base, tmp_path):
     """A learning-rate sweep where one rate diverges: the other job still runs, the comparison
     table shows the diverged one as such, and the multirun exits 4."""
@@ -235,7 +243,7 @@ def test_a_second_run_on_the_same_output_dir_exits_2_naming_the_first(tiny_base,
     end with status 0, writing the same files). The first is paused meanwhile, so it is still
     mid-run however slow the second is to start."""
     out = tmp_path / "r5"
-    args = ["peft=tl6", "trainer.max_steps=40", *FAST, f"output_dir={out}"]
+    args = ["peft=tl6", "trainer.max_steps=12", *FAST, f"output_dir={out}"]
     first = finetune(tiny_base, *args, popen=True)
     deadline = time.time() + TIMEOUT
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
@@ -250,11 +258,12 @@ def test_a_second_run_on_the_same_output_dir_exits_2_naming_the_first(tiny_base,
     one_error(second, 2, f"output_dir {out} is in use by another run", f"pid {first.pid} on ", "started 20")
     assert first.wait(TIMEOUT) == 0, first.communicate()[1][-3000:]
     # the second run wrote nothing: the folder is the first run's alone
-    assert [r["step"] for r in metrics(out)] == list(range(1, 41))
+    assert [r["step"] for r in metrics(out)] == list(range(1, 13))
     assert strict((out / "results.json").read_text())["run"]["pid"] == first.pid
     assert (out / "config.yaml").stat().st_mtime_ns == config_written  # not rewritten by the second run
 
 
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
 def test_every_rank_exits_2_together_when_the_folder_is_held(tiny_base, tmp_path):
     """Two ranks (as torchrun or srun start them): rank 0 finds the folder held by a Slurm job,
     both ranks exit 2, and only rank 0 prints the one message."""
@@ -279,6 +288,7 @@ def _two_ranks(env: dict, *args: str, faults: dict | None = None):
     return [p.returncode for p in procs], errs
 
 
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
 def test_every_rank_exits_5_together_when_rank_0_cannot_write(tiny_base, tmp_path):
     """Data parallel over two ranks; rank 0's checkpoint write meets a full disk: both ranks
     stop with status 5 (rank 1 is not left waiting in the next collective), one message."""
@@ -293,6 +303,7 @@ def test_every_rank_exits_5_together_when_rank_0_cannot_write(tiny_base, tmp_pat
 
 
 # ---------------------------------------------------------------------- a full disk
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
 @pytest.mark.numerics  # bit-identical to the undisturbed run under every CPU kernel set
 def test_disk_full_while_saving_ends_cleanly_and_the_rerun_resumes(tiny_base, completed, tmp_path):
     """A write that fails with ENOSPC halfway, three times over (a metrics line, a checkpoint's
