@@ -306,7 +306,9 @@ def _slurm_rows(sweep_dir: Path) -> Dict[int, dict]:
 
 
 def _job_status(job: dict, out: Path, slurm: Optional[dict]) -> str:
-    diverged = diverged_at(_results_file(out))
+    from tiedlora.submit import read_results
+
+    diverged = diverged_at(read_results(out / "results.json") or {})
     if diverged:
         return diverged
     state = ""
@@ -329,14 +331,6 @@ def _job_status(job: dict, out: Path, slurm: Optional[dict]) -> str:
         return "not evaluated (results.json has no metrics)"
     done = "finished training; no results.json" if state.startswith("COMPLETED") else "started; no results.json"
     return done + " (running, failed or preempted: see the job's log)"
-
-
-def _results_file(out: Path) -> dict:
-    try:
-        r = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return r if isinstance(r, dict) else {}
 
 
 def find_missing(roots: Sequence[Path], rows: List[dict], cells: Dict[tuple, Cell]) -> List[Missing]:

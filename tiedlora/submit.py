@@ -288,7 +288,8 @@ def _sacct(ids: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def _read_results(path: Path) -> Optional[dict]:
+def read_results(path: Path) -> Optional[dict]:
+    """A results.json as a dict; None when it is missing or not one JSON object."""
     try:
         r = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -315,7 +316,7 @@ def status(sweep_dir: Path) -> List[dict]:
             jid = ids[kind].get(job["index"])
             row[f"{kind}_id"] = jid
             row[kind] = (live.get(jid) or final.get(jid) or "not in squeue") if jid else "-"
-        res = _read_results(Path(job["output_dir"]) / "results.json") or {}
+        res = read_results(Path(job["output_dir"]) / "results.json") or {}
         diverged = res.get("status") == "diverged"
         row["results"] = bool(res) and not diverged
         row["metrics"] = res.get("metrics") if row["results"] else None
