@@ -113,3 +113,29 @@ def build_tiny_base(d: Path, pretrain: dict = TINY_PRETRAIN, extra_env: dict | N
 def tiny_base_args(base: dict) -> list:
     """Hydra overrides that point ``python -m tiedlora.finetune`` at the tiny base."""
     return ["model=tiny", f"model.checkpoint={base['base']}", f"model.tokenizer={base['tokenizer']}"]
+
+
+class HeldLock:
+    """Another process holding ``folder``'s run lock as a running fine-tune does, with the
+    Slurm variables given (e.g. ``SLURM_JOB_ID="12"``) instead of this process's; ``pid`` is its pid."""
+
+    def __init__(self, folder: Path, env: dict, **slurm: str):
+        code = ("import sys; from tiedlora.files import lock_run_dir; held = lock_run_dir(sys.argv[1]); "
+                "print('held', flush=True); sys.stdin.read()")
+        env = {**{k: v for k, v in env.items() if not k.startswith("SLURM_")}, **slurm}
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+        self.pid = self.proc.pid
+
+    def release(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+

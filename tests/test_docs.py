@@ -154,3 +154,12 @@ def test_code_locations_named_in_the_design_doc_exist():
 
 def test_readme_links_the_design_doc():
     assert "(docs/design.md" in (ROOT / "README.md").read_text()
+
+
+def test_readme_exit_status_table_is_the_code_table():
+    from tiedlora.errors import EXIT_STATUSES
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Errors and exit statuses"):]
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", section[:section.index("\n\n", section.index("| status |"))], re.M)
+    assert {int(code): meaning for code, meaning in rows} == EXIT_STATUSES

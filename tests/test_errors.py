@@ -255,6 +255,10 @@ def assert_one_message(status, err, *needles):
     ("tiedlora.finetune", ["peft=nope"], ["peft/nope", "tl6"]),
     ("tiedlora.finetune", ["trainer.max_steps=abc"], ["trainer.max_steps", "'abc'"]),
     ("tiedlora.finetune", ["peft.rank=0"], ["peft.rank=0"]),  # a typed config's __post_init__
+    ("tiedlora.finetune", ["trainer.nonfinite=ignore"], ["trainer.nonfinite='ignore'", "skip, raise"]),
+    ("tiedlora.finetune", ["trainer.max_skipped_steps=0"], ["trainer.max_skipped_steps=0"]),
+    ("tiedlora.finetune", ["trainer.requeue_lock_wait_s=-1"], ["trainer.requeue_lock_wait_s=-1"]),
+    ("tiedlora.finetune", ["trainer.preempt_exit_code=4"], ["trainer.preempt_exit_code=4", "mean something else"]),
     ("tiedlora.evaluate", ["peft.alpha=[x"], ["cannot parse the override 'peft.alpha=[x'"]),
     ("tiedlora.evaluate", ["task=nope"], ["task/nope"]),
     ("tiedlora.params", ["peft.rank=-1"], ["peft.rank=-1"]),
@@ -396,3 +400,27 @@ def test_resume_from_a_broken_trainer_state_names_the_file(tmp_path, spm):
     state.write_text("not a safetensors file\n")
     res = cli("tiedlora.finetune", *args[:-3], "trainer.max_steps=2", *args[-3:])
     assert_user_error(res, f"{state}: not a readable safetensors file", "expected: trainer state file")
+
+
+@pytest.mark.parametrize("module,args", [
+    ("tiedlora.evaluate", ["output_dir=RUN"]),
+    ("tiedlora.merge", ["--adapter", "RUN/best", "--output", "OUT", "model.checkpoint=/nonexistent/c"]),
+    ("tiedlora.export", ["--adapter", "RUN/best/adapter.safetensors", "--output", "OUT", "model=llama2_7b",
+                         "model.checkpoint=/nonexistent/c"]),
+])
+def test_commands_reading_a_folder_a_live_run_holds_warn(module, args, tmp_path, monkeypatch, capsys):
+    """The run's adapter may change under them: one warning naming the run, then the command as
+    usual (here it stops at its missing input, as it would without the warning)."""
+    from tiedlora.files import lock_run_dir
+
+    run = tmp_path / "run"
+    lock = lock_run_dir(run)  # a flock: another open file of this process conflicts like another process
+    try:
+        args = [a.replace("RUN", str(run)).replace("OUT", str(tmp_path / "out")) for a in args]
+        status, err = run_main(module, *args, monkeypatch=monkeypatch, capsys=capsys)
+    finally:
+        lock.release()
+    assert status == 2 and err.count("warning: ") == 1, err[-3000:]
+    assert f"warning: {run} is in use by a running fine-tune (pid {os.getpid()} on " in err
+    status, err = run_main(module, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 2 and "warning:" not in err  # released: no warning

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import PRESETS, ROOT
+from tiedlora.errors import EXIT_PREEMPTED, EXIT_STATUSES
 
 NASTY_DIR = "a b/it's \"q\" $(touch PWNED); echo no; 100%"
 NASTY_OVERRIDE = "+note='x y $(touch PWNED); `id` \\'q\\''"  # one Hydra override, shell-hostile
@@ -133,10 +134,22 @@ def test_exit_status_3_requeues_and_others_do_not(tmp_path):
     script = tmp_path / "s" / "slurm" / "train-000.sbatch"
     res, _, _, requeue = run_script(script, tmp_path, rc=3)
     assert res.returncode == 3 and requeue.strip() == "requeue 4242", res.stdout
-    res, _, _, requeue = run_script(script, tmp_path, index=0, rc=1)
-    assert res.returncode == 1 and requeue == ""
+    for rc in sorted(set(EXIT_STATUSES) - {EXIT_PREEMPTED}):  # ok, bug, mistake, diverged, disk full: never
+        res, _, _, requeue = run_script(script, tmp_path, index=0, rc=rc)
+        assert res.returncode == rc and requeue == "", (rc, res.stdout)
     res, _, _, requeue = run_script(script, tmp_path, rc=3, SLURM_RESTART_COUNT="20")  # max_requeues
     assert requeue == ""
+
+
+@pytest.mark.parametrize("code", [0, 1, 2, 4, 5, 256])
+def test_the_preemption_status_cannot_take_another_status(code):
+    from tiedlora.config import TrainerConfig
+    from tiedlora.launch.cluster import ClusterConfig
+
+    with pytest.raises(ValueError, match=rf"trainer.preempt_exit_code={code}: must be in 1..255 and not 0, 1, 2, 4, 5"):
+        TrainerConfig(preempt_exit_code=code)
+    with pytest.raises(ValueError, match=rf"launcher.preempt_exit_code={code}: must be in 1..255 and not"):
+        ClusterConfig(preempt_exit_code=code)
 
 
 def test_torchrun_mode_and_container_flags(tmp_path):

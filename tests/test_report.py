@@ -189,3 +189,17 @@ def test_several_sweeps_make_one_report(tmp_path, capsys):
     assert "| tl6 | 20.0" in md and "40.0" in md and "lr=0.01" in md and "| lora | — " in md
     missing = (tmp_path / "rep" / "missing.csv").read_text().splitlines()
     assert len([m for m in missing if ",lora,2," in m]) == 2, missing   # one per manifest
+
+
+def test_a_diverged_run_is_never_a_result(tmp_path, capsys):
+    """Even with scores in it (an adapter evaluated into the folder afterwards), a results.json that
+    says the run diverged is listed as diverged, and its rate is not among those compared."""
+    d = _run(tmp_path, "a", "tl6", 8, seed=1, lr=1e-1, rouge=5.0, val_loss=0.5)
+    res = json.loads((d / "results.json").read_text())
+    (d / "results.json").write_text(json.dumps({**res, "status": "diverged", "diverged": {"step": 7, "reason": "x"}}))
+    _run(tmp_path, "b", "tl6", 8, seed=1, lr=1e-3, rouge=20.0, val_loss=1.0)
+    out = report.write_report(tmp_path, tmp_path / "rep", figures=False)
+    cell = out["cells"][(TASK, MODEL, "tl6", 8)]
+    assert cell.mean == 20.0 and cell.lr is None and [r["lr"] for r in cell.runs] == [1e-3]
+    assert [(m.preset, m.status) for m in out["missing"]] == [("tl6", "diverged at step 7")]
+    assert "diverged at step 7" in report.render(out["rows"])

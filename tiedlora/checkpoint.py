@@ -14,7 +14,13 @@ A training checkpoint is a directory ``<output_dir>/checkpoints/step_XXXXXXX/`` 
 names, scheduler, step, data position and RNG states); ``checkpoints/latest`` names the
 newest complete one. Every file is written to a temporary name, fsynced and renamed, and
 ``latest`` is updated only after the whole directory exists, so a crash at any point
-leaves the previous checkpoint as ``latest``.
+leaves the previous checkpoint as ``latest``; a disk that fills up on the way ends the
+run with :class:`tiedlora.errors.WriteFailed` and leaves no temporary folder behind.
+
+Non-finite values never get into an adapter file: :func:`save_adapter` refuses them,
+:func:`save_training_checkpoint` stops a run whose parameters went non-finite (before
+anything is written), and :func:`load_adapter` refuses a file that holds any (one written
+by an older version, or by hand).
 
 This module owns the whole of it: the adapter file format, the training state
 (:func:`training_state_tensors`, gathered to full tensors so that it too is
@@ -33,13 +39,14 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from tiedlora import compat
-from tiedlora.dist import ProcessGroups, is_rank0, process_groups
-
-from tiedlora.files import atomic_write, atomic_write_text, staged_dir
+from tiedlora.dist import ProcessGroups, process_groups, rank0_writes
+from tiedlora.errors import RunDiverged
+from tiedlora.files import atomic_write_bytes, atomic_write_text, staged_dir, to_json
 from tiedlora.config import FACTORS, PeftConfig
 from tiedlora.peft.model import adapter_state_dict, load_adapter_state_dict, trainable_params
 from tiedlora.sharding import gather_full, shard
@@ -63,14 +70,23 @@ def peft_from_dict(d: dict) -> PeftConfig:
     return PeftConfig(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(PeftConfig)}})
 
 
+def nonfinite_tensors(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """Names of the tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_adapter(path: Path, tensors: Dict[str, torch.Tensor], peft_cfg: PeftConfig,
-                 model_info: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
-    meta = {"format": FORMAT, "peft_config": json.dumps(peft_to_dict(peft_cfg)),
-            "model": json.dumps(model_info or {})}
+                 model_info: Optional[dict] = None, extra: Optional[dict] = None,
+                 operation: str = "save the adapter") -> Path:
+    bad = nonfinite_tensors(tensors)
+    if bad:  # finetune never hands it one (save_training_checkpoint checks on every rank): a bug
+        raise RuntimeError(f"{path}: refusing to write an adapter with non-finite values in {bad[:3]}")
+    meta = {"format": FORMAT, "peft_config": to_json(peft_to_dict(peft_cfg)), "model": to_json(model_info or {})}
     for k, v in (extra or {}).items():
-        meta[k] = v if isinstance(v, str) else json.dumps(v)
+        meta[k] = v if isinstance(v, str) else to_json(v)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    # bytes, then our own write: a full disk raises a real OSError (files.storage_errors)
+    atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=meta), operation)
     return Path(path)
 
 
@@ -113,6 +129,11 @@ def load_adapter(path: Path) -> Tuple[Dict[str, torch.Tensor], PeftConfig, dict]
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable 'peft_config' metadata ({e})") from None
     tensors, _ = read_safetensors(path, _ADAPTER)
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values (NaN or infinity) in {', '.join(bad[:3])}"
+                              f"{' and more' if len(bad) > 3 else ''}: the adapter of a diverged training, "
+                              "which cannot be used; train again with a lower optim.lr")
     return tensors, cfg, meta
 
 
@@ -164,19 +185,19 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return path
 
 
-def commit_checkpoint(output_dir: Path, step: int, write_files, keep_last: int) -> Path:
+def commit_checkpoint(output_dir: Path, step: int, write_files, keep_last: int,
+                      operation: str = "save a training checkpoint") -> Path:
     """Write a checkpoint directory via ``write_files(tmp_dir)``, then publish it atomically.
 
     The directory is built under a temporary name and renamed into place; ``latest`` is
     rewritten last; only then are checkpoints beyond the newest ``keep_last`` deleted.
     """
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name
-    with staged_dir(final, replace=True) as tmp:
+    with staged_dir(final, replace=True, operation=operation) as tmp:
         write_files(tmp)
-    atomic_write_text(root / "latest", name + "\n")
+    atomic_write_text(root / "latest", name + "\n", operation)
     if keep_last > 0:
         done = sorted(p for p in root.glob("step_*") if p.is_dir())
         for old in done[:-keep_last]:
@@ -275,15 +296,19 @@ def save_training_checkpoint(output_dir: Path, step: int, chunks: List[nn.Module
     position, ...), stored in the state file's metadata and returned by :func:`resume_training`.
     """
     adapter = adapter_state_dict(chunks, groups=groups)
+    bad = nonfinite_tensors(adapter)  # every rank holds the full adapter: the same answer everywhere
+    if bad:
+        raise RunDiverged(f"the adapter's parameters became non-finite by step {step} (in {', '.join(bad[:3])}): "
+                          "an update overflowed; no checkpoint was written")
     tstate = training_state_tensors(chunks, optimizer, groups)
-    if is_rank0():
-        def write(d: Path):
-            save_adapter(d / ADAPTER_FILE, adapter, peft_cfg, model_info, {"step": step})
-            save_file({k: v.contiguous() for k, v in tstate.items()}, str(d / STATE_FILE),
-                      metadata={"trainer": json.dumps(trainer_meta)})
-        commit_checkpoint(output_dir, step, write, keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    what = f"save the training checkpoint of step {step}"
+
+    def write(d: Path):
+        save_adapter(d / ADAPTER_FILE, adapter, peft_cfg, model_info, {"step": step}, what)
+        state = safetensors_bytes({k: v.contiguous() for k, v in tstate.items()},
+                                  metadata={"trainer": to_json(trainer_meta)})
+        atomic_write_bytes(d / STATE_FILE, state, what)
+    rank0_writes(lambda: commit_checkpoint(output_dir, step, write, keep_last, what))
 
 
 def resume_training(output_dir: Path, chunks: List[nn.Module], optimizer: torch.optim.Optimizer,

@@ -1,4 +1,5 @@
-"""How every command-line entry point ends on a user's mistake (one place for all of them).
+"""How every command-line entry point ends on a user's mistake, a diverged training or a full
+disk (one place for all of them; the statuses are :data:`tiedlora.errors.EXIT_STATUSES`).
 
 A mistake in what the user gave us ends with one message on stderr and exit status 2,
 without a traceback::
@@ -7,7 +8,11 @@ without a traceback::
     error: Could not override 'trainer.max_stepz'. ...
     Key 'max_stepz' not in 'TrainerConfig' ...
 
-Everything else is a bug in our code or a library and keeps its full traceback (status 1).
+Two failures that are nobody's mistake end the same way, with their own status: a training
+that diverged (:class:`~tiedlora.errors.RunDiverged`, status 4) and an output the storage
+refused to take (:class:`~tiedlora.errors.WriteFailed`, status 5: disk full, quota,
+read-only). Everything else is a bug in our code or a library and keeps its full traceback
+(status 1).
 ``HYDRA_FULL_ERROR=1`` shows the full traceback of a user's mistake too, for the Hydra
 commands and the plain ones alike. Under torchrun or srun only rank 0 prints the message;
 every rank exits with status 2.
@@ -30,11 +35,13 @@ file, line, field and value; code that finds its own invariant broken uses ``ass
 
 Two wrappers apply this: :func:`run` for a plain ``main()`` (argparse commands), and
 :func:`hydra_main` for a Hydra task function; a ``main()`` that returns its status itself
-calls :func:`report_user_error` from its ``except`` clause. Hydra catches a task's
+calls :func:`report_error` from its ``except`` clause. Hydra catches a task's
 exceptions itself and prints its own report ("Error executing job ...", a trimmed traceback); the wrapper
 catches a user's mistake inside the task, before Hydra sees it, and turns on Hydra's
 ``HYDRA_FULL_ERROR`` re-raising around Hydra's own steps (override parsing, composition),
-so those reach :func:`run` too. A Hydra multirun stops at the first job with a mistake.
+so those reach :func:`run` too. A Hydra multirun stops at the first job with a mistake; a
+job that diverged does not stop it (one rate of a learning-rate sweep may well diverge): its
+message is printed, the other jobs run, and the multirun exits with status 4 at the end.
 A job that a launcher runs in another process (``hydra/launcher=slurm``) raises the
 mistake as usual; the launcher hands it back and the submitting process reports it.
 """
@@ -47,12 +54,12 @@ import os
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
-from tiedlora.errors import MissingPackageError, UserError
+from tiedlora.errors import (EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_WRITE_FAILED, MissingPackageError,
+                             RunDiverged, UserError, WriteFailed)
 
-__all__ = ["EXIT_USER_ERROR", "MissingPackageError", "UserError", "describe", "hydra_main",
-           "is_user_error", "report_user_error", "run"]
+__all__ = ["EXIT_USER_ERROR", "MissingPackageError", "UserError", "describe", "exit_status", "hydra_main",
+           "is_user_error", "report_error", "run"]
 
-EXIT_USER_ERROR = 2  # the usual status for a usage error (argparse exits with it too)
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 
 
@@ -66,6 +73,15 @@ def _user_error_types() -> tuple:
 
 def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, _user_error_types())
+
+
+def exit_status(exc: BaseException) -> Optional[int]:
+    """The status of an exception that ends a command with one message; None for a bug."""
+    if isinstance(exc, RunDiverged):
+        return EXIT_DIVERGED
+    if isinstance(exc, WriteFailed):
+        return EXIT_WRITE_FAILED
+    return EXIT_USER_ERROR if is_user_error(exc) else None
 
 
 def full_trace_requested() -> bool:
@@ -106,13 +122,15 @@ def _print_message(exc: BaseException) -> None:
         print(f"error: {describe(exc)}", file=sys.stderr, flush=True)
 
 
-def report_user_error(exc: BaseException) -> int:
+def report_error(exc: BaseException) -> int:
     """For a ``main()`` that returns its exit status, from its ``except Exception`` clause:
-    a user's mistake is printed (rank 0) and 2 returned; anything else is re-raised."""
-    if full_trace_requested() or not is_user_error(exc):
+    a user's mistake, a divergence or a refused write is printed (rank 0) and its status
+    returned (:func:`exit_status`); anything else is re-raised."""
+    status = exit_status(exc)
+    if full_trace_requested() or status is None:
         raise exc
     _print_message(exc)
-    return EXIT_USER_ERROR
+    return status
 
 
 def run(main: Callable[[], Any]) -> NoReturn:
@@ -121,8 +139,8 @@ def run(main: Callable[[], Any]) -> NoReturn:
     user's mistake, with the usual traceback on any other exception."""
     try:
         status = main()
-    except Exception as e:  # noqa: BLE001 - sorted by report_user_error
-        status = report_user_error(e)
+    except Exception as e:  # noqa: BLE001 - sorted by report_error
+        status = report_error(e)
     sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
 
 
@@ -134,6 +152,13 @@ def _in_entry_process() -> bool:
     there a mistake is raised as usual, so the launcher hands it back to the process that
     submitted it, which reports it. (Module-level, so a pickled job reads its own process.)"""
     return _ENTRY_PID == os.getpid()
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @contextlib.contextmanager
@@ -174,16 +199,22 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
             _ENTRY_PID = os.getpid()
             users_setting = os.environ.get(FULL_ERROR_ENV)
 
+            diverged = []  # jobs of a multirun that diverged (the sweep goes on without them)
+
             @functools.wraps(task)  # Hydra unwraps it: job name and paths come from `task`
             def job(dcfg):
                 with _full_error_env(users_setting):  # the task sees the user's environment
                     try:
                         return task(dcfg)
-                    except Exception as e:  # noqa: BLE001 - sorted by report_user_error
+                    except Exception as e:  # noqa: BLE001 - sorted by report_error
                         if not _in_entry_process():
                             raise
+                        status = report_error(e)
+                        if status == EXIT_DIVERGED and _in_multirun():
+                            diverged.append(e)
+                            return e.results  # the comparison table shows it as diverged
                         # SystemExit passes through Hydra's job runner (it catches Exception only)
-                        raise SystemExit(report_user_error(e)) from None
+                        raise SystemExit(status) from None
 
             register_configs()
             app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(job)
@@ -191,6 +222,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
             def call():
                 with _full_error_env("1"):  # Hydra re-raises instead of printing its own report
                     app()
+                return EXIT_DIVERGED if diverged else None
 
             run(call)
 

@@ -29,12 +29,14 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from tiedlora.data.sft import PromptTemplate
+from tiedlora.errors import preempt_exit_code_problem
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("sdpa", "local", "te")  # see tiedlora.models.attention
 ROPE_SCALINGS = (None, "llama3")  # model.rope_scaling; see tiedlora.models.gpt.apply_rope_scaling
 KINDS = ("generate", "multiple_choice")
 SPLITS = ("train", "validation", "test")
+NONFINITE_POLICIES = ("skip", "raise")  # trainer.nonfinite
 
 
 def cache_root() -> Path:
@@ -469,9 +471,14 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     preempt_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preempt_exit_code: int = 3  # exit status after a signal-triggered checkpoint (requeue me)
+    nonfinite: str = "skip"  # non-finite loss or gradients: skip the optimizer step | raise at once
+    max_skipped_steps: int = 5  # consecutive skipped steps after which the run stops as diverged
+    lock: bool = True  # hold an exclusive lock on output_dir for the run's life (false: file systems without flock)
+    lock_wait_s: float = 0.0  # how long a new run waits for another run holding output_dir
+    requeue_lock_wait_s: float = 120.0  # the same for a requeued Slurm job (its previous run may still be ending)
 
     def __post_init__(self):
-        for f in ("max_steps", "global_batch_size", "micro_batch_size"):
+        for f in ("max_steps", "global_batch_size", "micro_batch_size", "max_skipped_steps"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"trainer.{f}={v!r}: must be a positive integer")
@@ -480,6 +487,15 @@ class TrainerConfig:
         for s in self.preempt_signals:
             if not hasattr(signal, s):
                 raise ValueError(f"trainer.preempt_signals: unknown signal {s!r}")
+        why = preempt_exit_code_problem(self.preempt_exit_code)
+        if why:
+            raise ValueError(f"trainer.preempt_exit_code={self.preempt_exit_code!r}: {why}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"trainer.nonfinite={self.nonfinite!r}: expected one of {', '.join(NONFINITE_POLICIES)}")
+        for f in ("lock_wait_s", "requeue_lock_wait_s"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"trainer.{f}={v!r}: must be a number of seconds >= 0")
 
 
 @dataclass

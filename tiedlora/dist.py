@@ -18,12 +18,14 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from tiedlora import compat
 from tiedlora.config import ParallelConfig
+from tiedlora.errors import WriteFailed
 
 
 @dataclass
@@ -191,3 +193,36 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (an all-reduce; the flag itself on one process)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def rank0_writes(write: Callable[[], None]) -> None:
+    """``write()`` on rank 0 while the other ranks wait; then every rank returns, or every rank
+    raises :class:`~tiedlora.errors.WriteFailed` when rank 0's write failed (rank 0 its own,
+    with the path; the others a quiet one), so a full disk ends all ranks with status 5
+    instead of leaving them waiting in the next collective. Costs what a barrier costs."""
+    failed = None
+    if is_rank0():
+        try:
+            write()
+        except WriteFailed as e:
+            failed = e
+    if any_rank(failed is not None):
+        raise failed or WriteFailed.elsewhere()
+
+
+def agree_on_rank0(outcome: Optional[str]) -> Optional[str]:
+    """Rank 0's ``outcome`` (a message, or None) on every rank: one broadcast."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return outcome
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -32,8 +32,8 @@ from tiedlora import compat
 from tiedlora.build import build_model, load_tokenizer, param_counts, resolve_base
 from tiedlora.config import EvalConfig, FinetuneConfig, ModelConfig, TaskConfig
 from tiedlora.data.sft import PromptTemplate
-from tiedlora.dist import ProcessGroups, init_distributed, is_rank0, process_groups, shutdown
-from tiedlora.files import atomic_write_text
+from tiedlora.dist import ProcessGroups, detect_env, init_distributed, is_rank0, process_groups, shutdown
+from tiedlora.files import atomic_write_text, to_json, warn_if_run_dir_held
 from tiedlora.generate import continuation_logprobs, greedy_generate
 from tiedlora.metrics import compute_metrics
 from tiedlora.tasks import read_task_data
@@ -124,6 +124,8 @@ def run_evaluation(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"parallel.pp={cfg.parallel.pp}: evaluation runs with parallel.pp=1 "
                          "(adapters are layout-independent)")
     adapter_path = Path(cfg.adapter) if cfg.adapter else out / ckpt.ADAPTER_FILE
+    if detect_env().rank == 0:
+        warn_if_run_dir_held(adapter_path, "adapter")
     tensors, saved_peft, meta = ckpt.load_adapter(adapter_path)
     records = read_task_data(cfg.task, splits=())[cfg.task.eval_split]  # data before weights
     weights, tok_path = resolve_base(cfg.model)
@@ -144,8 +146,8 @@ def run_evaluation(cfg: FinetuneConfig) -> dict:
     results.setdefault("wall_time_s", results["eval_time_s"])
     if is_rank0():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / "predictions.jsonl", "".join(to_json(r) + "\n" for r in rows), "write the predictions")
+        atomic_write_text(out / "results.json", to_json(results, indent=2) + "\n", "write results.json")
         print(f"{cfg.task.name} {saved_peft.name} r={saved_peft.rank}: {fmt_metrics(metrics)}  "
               f"-> {out / 'results.json'}", flush=True)
     shutdown()

@@ -30,14 +30,13 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from tiedlora.files import staged_dir
+from tiedlora.files import staged_dir, to_json, warn_if_run_dir_held
 from tiedlora.peft.delta import lora_factors
 from tiedlora.config import ModelConfig
 from tiedlora.config import PeftConfig
@@ -173,7 +172,7 @@ def export_peft(adapter: os.PathLike | str, model_cfg: ModelConfig, output: os.P
     state = peft_state_dict(tensors, cfg, model_cfg)
     with staged_dir(output) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(cfg, base_model_name_or_path), indent=2) + "\n")
+        (tmp / ADAPTER_CONFIG).write_text(to_json(peft_config(cfg, base_model_name_or_path), indent=2) + "\n")
     return output
 
 
@@ -183,6 +182,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     args, model_cfg = parse_args(argv, "python -m tiedlora.export",
                                  "Export a Tied-LoRA adapter as a Hugging Face PEFT LoRA adapter.",
                                  "new directory for adapter_config.json + adapter_model.safetensors", __doc__)
+    warn_if_run_dir_held(args.adapter, "adapter")
     out = export_peft(args.adapter, model_cfg, args.output)
     print(f"[tiedlora] exported {resolve_adapter(args.adapter)} as a PEFT LoRA adapter -> {out}")
     return out

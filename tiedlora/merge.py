@@ -39,6 +39,7 @@ from torch import nn
 from tiedlora import compat
 from tiedlora.config import ModelConfig, ParallelConfig
 from tiedlora.dist import barrier, is_rank0
+from tiedlora.files import warn_if_run_dir_held
 from tiedlora.peft.delta import delta_weight
 
 
@@ -191,11 +192,13 @@ def parse_args(argv: Optional[List[str]], prog: str, description: str, output_he
 
 def main(argv: Optional[List[str]] = None) -> Path:
     from tiedlora.convert import checkpoint_format, model_config_from_checkpoint
-    from tiedlora.dist import init_distributed, shutdown
+    from tiedlora.dist import detect_env, init_distributed, shutdown
 
     args, model_cfg = parse_args(argv, "python -m tiedlora.merge",
                                  "Fold a Tied-LoRA adapter into its base model (same format out).",
                                  "merged .nemo file (NeMo base) or new directory (Hugging Face base)", __doc__)
+    if detect_env().rank == 0:
+        warn_if_run_dir_held(args.adapter, "adapter")
     checkpoint_format(model_cfg.checkpoint)  # fail early on a bad path
     if not any(o.startswith("model.params_dtype=") for o in args.overrides):
         # merge in the checkpoint's own precision: untouched tensors stay bit-exact

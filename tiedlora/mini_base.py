@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from tiedlora import compat
+from tiedlora.files import to_json
 
 BUILTIN = "builtin:mini"
 VERSION = 2
@@ -239,7 +240,7 @@ def build(model_cfg, settings: PretrainSettings = SETTINGS, out: Path = ASSETS) 
                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            "threads": torch.get_num_threads()},
             "files": {name: _sha256(tmp / name) for name in (WEIGHTS, TOKENIZER)}}
-    (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (tmp / INFO).write_text(to_json(info, indent=2) + "\n", encoding="utf-8")
     tmp.chmod(0o755)  # mkdtemp makes it private; the files are package data, readable by all
     for name in (WEIGHTS, TOKENIZER, INFO):
         (tmp / name).chmod(0o644)

@@ -16,12 +16,12 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import List
 
 from tiedlora import compat
 from tiedlora.config import ModelConfig, ParallelConfig, ParamsConfig, PeftConfig
+from tiedlora.files import to_json
 
 
 def count(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> dict:
@@ -108,7 +108,7 @@ def main() -> None:
         finally:
             shutdown()
         if cfg.format == "json":
-            print(json.dumps(rows if cfg.all else rows[0], indent=None if cfg.all else 2))
+            print(to_json(rows if cfg.all else rows[0], indent=None if cfg.all else 2))
         else:
             print(render_table(rows))
 

@@ -20,6 +20,8 @@ rank); its runs are its seeds, possibly at several learning rates::
 
 Learning-rate selection: when a cell holds runs at several rates, the rate whose runs have the
 lowest mean best validation loss is reported (never the test metric), and the tables name it.
+A run that diverged (results.json with ``"status": "diverged"``) is never a result: it is listed
+as a missing cell, "diverged at step N", and its rate is not among those compared.
 Spread is half the range over seeds (max − min) / 2, shown when a cell has two or more seeds.
 
 Missing cells: with a ``sweep.json`` (written by ``python -m tiedlora.submit``; every one at or
@@ -44,7 +46,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
-from tiedlora.checkpoint import atomic_write_text
+from tiedlora.files import atomic_write_text, to_json
 
 PRESET_ORDER = ["lora", "vera", "tl1", "tl2", "tl3", "tl4", "tl5", "tl6", "tl7"]
 BASELINES = ("lora", "vera")
@@ -100,6 +102,14 @@ def _get(d: dict, *keys):
     return d
 
 
+def diverged_at(r: dict) -> Optional[str]:
+    """``"diverged at step N"`` for a run whose results.json says it diverged, else None."""
+    if r.get("status") != "diverged":
+        return None
+    step = _get(r, "diverged", "step")
+    return f"diverged at step {step}" if step is not None else "diverged"
+
+
 def main_metric(m: Optional[dict]) -> Tuple[Optional[str], Optional[float]]:
     """The headline number of a metrics dict: its first key (em, rougeL, bleu, accuracy, ...)."""
     if not m:
@@ -119,10 +129,10 @@ def render(rows: List[dict]) -> str:
                                          _preset_key(r.get("preset", "")), r.get("seed") or 0)):
         k, after = main_metric(r.get("metrics"))
         _, before = main_metric(r.get("metrics_before"))
+        shown = diverged_at(r) or ("-" if after is None else f"{after:.1f}")
         body.append([r.get("task", "?"), r.get("model", "?"), r.get("preset", "?"), str(r.get("rank", "?")),
                      f"{r.get('trainable_params', 0):,}", f"{100 * r.get('share_of_lora', 0):.1f}",
-                     k or "-", "-" if before is None else f"{before:.1f}",
-                     "-" if after is None else f"{after:.1f}", str(r.get("steps", "-")),
+                     k or "-", "-" if before is None else f"{before:.1f}", shown, str(r.get("steps", "-")),
                      f"{r.get('wall_time_s', 0):.0f}"])
     return _text_table(head, body, left=3)
 
@@ -182,8 +192,8 @@ def _select_lr(runs: List[dict]) -> Tuple[List[dict], Optional[float], List[floa
 def build_cells(rows: List[dict]) -> Dict[tuple, Cell]:
     cells: Dict[tuple, Cell] = {}
     for r in rows:
-        if r.get("metrics") is None:
-            continue  # trained but not evaluated: counted as missing, not as a number
+        if r.get("metrics") is None or diverged_at(r):
+            continue  # diverged, or trained but not evaluated: counted as missing, not as a number
         key = (str(r.get("task", "?")), str(r.get("model", "?")), str(r.get("preset", "?")), int(r.get("rank", 0)))
         cells.setdefault(key, Cell(*key)).runs.append(r)
     for c in cells.values():
@@ -296,6 +306,11 @@ def _slurm_rows(sweep_dir: Path) -> Dict[int, dict]:
 
 
 def _job_status(job: dict, out: Path, slurm: Optional[dict]) -> str:
+    from tiedlora.submit import read_results
+
+    diverged = diverged_at(read_results(out / "results.json") or {})
+    if diverged:
+        return diverged
     state = ""
     if slurm is not None:
         if not slurm.get("train_id"):
@@ -322,7 +337,7 @@ def find_missing(roots: Sequence[Path], rows: List[dict], cells: Dict[tuple, Cel
     """Cells without a result: planned jobs of every ``sweep.json`` at or below ``roots`` that have
     no evaluated run, runs without metrics, and grid combinations never submitted."""
     missing: List[Missing] = []
-    planned = set()
+    planned, listed = set(), set()  # listed: folders of planned jobs already accounted for
     manifests = sorted({m for root in roots if root.is_dir()
                         for m in [root / "sweep.json", *root.rglob("sweep.json")] if m.is_file()})
     for manifest in manifests:
@@ -335,15 +350,19 @@ def find_missing(roots: Sequence[Path], rows: List[dict], cells: Dict[tuple, Cel
             out = _job_dir(job, manifest.parent)
             ident = _job_identity(job, out)
             planned.add(ident)
+            listed.add(out.resolve())
             if (out / "results.json").is_file() and ident in cells and any(
                     Path(r["_path"]).resolve() == out.resolve() for r in cells[ident].runs):
                 continue
             missing.append(Missing(*ident, status=_job_status(job, out, slurm.get(job["index"]) if slurm else None),
                                    where=job.get("name", job["output_dir"])))
-    for r in rows:  # runs that trained but have no metrics
-        if r.get("metrics") is None:
+    for r in rows:  # runs outside any manifest that diverged, or trained but have no metrics
+        if Path(r["_path"]).resolve() in listed:
+            continue
+        why = diverged_at(r) or ("not evaluated (results.json has no metrics)" if r.get("metrics") is None else None)
+        if why:
             missing.append(Missing(str(r.get("task", "?")), str(r.get("model", "?")), str(r.get("preset", "?")),
-                                   r.get("rank"), "not evaluated (results.json has no metrics)", r["_path"]))
+                                   r.get("rank"), why, r["_path"]))
     # the grid: every combination of the axes seen, per (task, model)
     seen = set(cells) | planned | {(m.task, m.model, m.preset, m.rank) for m in missing}
     pairs = sorted({(t, m) for t, m, _, _ in seen})
@@ -573,7 +592,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.json:
-        print(json.dumps(load_results(args.folders), indent=2))
+        print(to_json(load_results(args.folders), indent=2))
         return 0
     rows = load_results(args.folders)
     print(render(rows))

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tiedlora.cli import report_user_error
-from tiedlora.files import atomic_write_text
+from tiedlora.cli import report_error
+from tiedlora.files import atomic_write_text, to_json
 from tiedlora.launch.cluster import ClusterConfig, load_cluster
 from tiedlora.launch.sbatch import OUTPUT_DIR_ENV, OUTPUT_DIR_OVERRIDE, JobSpec, hydra_quote, render_script
 
@@ -288,8 +288,20 @@ def _sacct(ids: Sequence[str]) -> Dict[str, str]:
     return out
 
 
+def read_results(path: Path) -> Optional[dict]:
+    """A results.json as a dict; None when it is missing or not one JSON object."""
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return r if isinstance(r, dict) else None
+
+
 def status(sweep_dir: Path) -> List[dict]:
-    """One row per job: name, Slurm ids and states (train/eval), whether results.json exists."""
+    """One row per job: name, Slurm ids and states (train/eval), and its folder's results.json:
+    ``results`` (a completed run's exists), ``metrics``, ``diverged`` (the step it diverged at, or
+    None) and ``written_by`` (the Slurm job that wrote it, when another job of this row's folder
+    did: the doubled submission of a folder that another job holds writes nothing)."""
     manifest = json.loads((sweep_dir / MANIFEST).read_text())
     plan = manifest.get("submissions", [])
     ids = {kind: {} for kind in ("train", "eval")}
@@ -304,9 +316,13 @@ def status(sweep_dir: Path) -> List[dict]:
             jid = ids[kind].get(job["index"])
             row[f"{kind}_id"] = jid
             row[kind] = (live.get(jid) or final.get(jid) or "not in squeue") if jid else "-"
-        res = Path(job["output_dir"]) / "results.json"
-        row["results"] = res.is_file()
-        row["metrics"] = json.loads(res.read_text()).get("metrics") if row["results"] else None
+        res = read_results(Path(job["output_dir"]) / "results.json") or {}
+        diverged = res.get("status") == "diverged"
+        row["results"] = bool(res) and not diverged
+        row["metrics"] = res.get("metrics") if row["results"] else None
+        row["diverged"] = (res.get("diverged") or {}).get("step", "?") if diverged else None
+        writer = (res.get("run") or {}).get("slurm_job")
+        row["written_by"] = writer if writer and row["train_id"] and writer != row["train_id"] else None
         rows.append(row)
     return rows
 
@@ -317,10 +333,16 @@ def print_status(sweep_dir: Path) -> None:
     for r in rows:
         tr = f"{r['train_id'] or '-'} {r['train']}" if r["train_id"] else "not submitted"
         ev = f"{r['eval_id']} {r['eval']}" if r["eval_id"] else "-"
-        res = "yes " + ", ".join(f"{k}={v:.1f}" for k, v in (r["metrics"] or {}).items()) if r["results"] else "no"
+        if r["written_by"]:
+            res = f"no (its folder's results.json is job {r['written_by']}'s)"
+        elif r["diverged"] is not None:
+            res = f"no: diverged at step {r['diverged']}"
+        else:
+            res = "yes " + ", ".join(f"{k}={v:.1f}" for k, v in (r["metrics"] or {}).items()) if r["results"] else "no"
         print(f"{r['name']:<40} {tr:<28} {ev:<24} {res}")
-    done = sum(r["results"] for r in rows)
-    print(f"{done}/{len(rows)} jobs have results.json", flush=True)
+    done = sum(r["results"] and not r["written_by"] for r in rows)
+    diverged = sum(r["diverged"] is not None and not r["written_by"] for r in rows)
+    print(f"{done}/{len(rows)} jobs have results.json" + (f"; {diverged} diverged" if diverged else ""), flush=True)
 
 
 # ------------------------------------------------------------------------- main
@@ -380,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(msg)
             print(f"warning: {msg}", file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - a user's mistake -> one message, status 2; a bug re-raises
-        return report_user_error(e)
+        return report_error(e)
     python = cluster.python or sys.executable
     tag = re.sub(r"[^A-Za-z0-9._-]+", "_", sweep_dir.name)[:40]
     plan = write_scripts(cluster, jobs, sweep_dir, array=not args.no_array, with_eval=args.eval,
@@ -388,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     manifest = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "launcher": name,
                 "cluster": _asdict(cluster), "argv": argv, "dry_run": args.dry_run,
                 "jobs": [vars(j) for j in jobs], "submissions": plan}
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(manifest_path, to_json(manifest, indent=2) + "\n")
     print(f"{len(jobs)} job(s) in {sweep_dir} (launcher={name}: {cluster.nodes} node(s) x "
           f"{cluster.ntasks_per_node} task(s), time {cluster.time})")
     for j in jobs:
@@ -403,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         submit_plan(plan)
     finally:
         manifest["submissions"] = plan
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(manifest_path, to_json(manifest, indent=2) + "\n")
     print(f"status: python -m tiedlora.submit status {shlex.quote(str(sweep_dir))}")
     return 0
 

@@ -8,7 +8,10 @@
 * :func:`clip_adapter_grads` — global gradient norm counting every tensor once
 * :func:`sync_tied_copies` — the optimizer's new value of a tied factor to its copies
 * :func:`reduce_loss`, :func:`global_tokens` — the step's loss and token count over replicas
+* :func:`nonfinite_cause` — whether the step's (already global) loss or gradient norm is
+  NaN or infinite, i.e. whether its optimizer step must be skipped
 * :class:`PreemptionFlag` — a signal asks for a checkpoint; all ranks agree at step end
+  (in the same all-reduce: whether rank 0 failed to write this step's outputs)
 
 Saving and resuming the training state is :mod:`tiedlora.checkpoint`'s.
 """
@@ -29,6 +32,7 @@ from torch import nn
 from tiedlora import compat
 from tiedlora.config import OptimConfig
 from tiedlora.dist import ProcessGroups, process_groups
+from tiedlora.files import append_line, atomic_write_text, to_json
 from tiedlora.peft.model import AdapterParam, iter_adapter_params, trainable_params
 
 
@@ -168,6 +172,24 @@ def clip_adapter_grads(chunks: List[nn.Module], max_norm: float, groups: Optiona
     return norm
 
 
+# ---------------------------------------------------------------- non-finite values
+def nonfinite_cause(loss: float, grad_norm: float) -> Optional[str]:
+    """``"loss"``, ``"gradients"``, ``"loss and gradients"`` or None (both finite).
+
+    Both numbers are already the same on every rank (:func:`reduce_loss` sums over the
+    pipeline and data-parallel groups, :func:`clip_adapter_grads` over the model-parallel
+    group after the data-parallel gradient sum; a NaN anywhere survives every sum), so all
+    ranks take the same decision without another collective and without a check per tensor.
+    """
+    bad = [name for name, v in (("loss", loss), ("gradients", grad_norm)) if not math.isfinite(v)]
+    return " and ".join(bad) or None
+
+
+def finite_or_none(x: float) -> Optional[float]:
+    """A number for strict JSON: None (``null``) where it is NaN or infinite."""
+    return x if math.isfinite(x) else None
+
+
 # ------------------------------------------------------------------- preemption
 class PreemptionFlag:
     """Set by a signal; checked (and agreed on by all ranks) at the end of each step."""
@@ -188,17 +210,17 @@ class PreemptionFlag:
             if name != "SIGTERM":
                 signal.signal(getattr(signal, name), signal.SIG_IGN)
 
-    def agreed(self) -> bool:
-        t = torch.tensor([1.0 if self.hit else 0.0])
+    def agreed(self, write_failed: bool = False) -> tuple[bool, bool]:
+        """(a signal arrived on some rank, some rank failed to write): one all-reduce."""
+        t = torch.tensor([1.0 if self.hit else 0.0, 1.0 if write_failed else 0.0])
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(t[0].item()), bool(t[1].item())
 
 
 def write_jsonl_line(path: Path, obj: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
+    """One strict-JSON line appended (a failed write leaves whole lines: files.append_line)."""
+    append_line(path, to_json(obj), f"append this step's line to {path.name}")
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -207,6 +229,4 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines()
             if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    from tiedlora.files import atomic_write_text
-
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
+    atomic_write_text(path, "".join(k + "\n" for k in keep), f"rewrite {path.name} up to the checkpoint")

@@ -8,7 +8,6 @@ loads into any TP/PP layout. It is what the embedded mini base is cached as, and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List
 
@@ -24,11 +23,11 @@ def save_base(path: Path, chunks: List[nn.Module], model_info: dict) -> None:
     from safetensors.torch import save_file
 
     from tiedlora.dist import is_rank0
-    from tiedlora.files import atomic_write
+    from tiedlora.files import atomic_write, to_json
 
     state = gather_full(chunks)
     if is_rank0():
-        meta = {"format": FORMAT, "model": json.dumps(model_info)}
+        meta = {"format": FORMAT, "model": to_json(model_info)}
         state = {k: v.contiguous() for k, v in state.items()}
         atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
 

@@ -51,7 +51,7 @@ from tiedlora.convert.layout import (
     split_fc1,
     split_qkv,
 )
-from tiedlora.files import staged_dir
+from tiedlora.files import staged_dir, to_json
 from tiedlora.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -476,7 +476,7 @@ def save_merged(src: os.PathLike | str, out: os.PathLike | str, replaced: Dict[s
             names = [f"model-{n:05d}-of-{len(parts):05d}.safetensors" for n in range(1, len(parts) + 1)]
             for part, name in zip(parts, names):
                 os.replace(part, tmp / name)
-            (tmp / ST_INDEX).write_text(json.dumps(
+            (tmp / ST_INDEX).write_text(to_json(
                 {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in wmap.items()}},
                 indent=2))
     return out

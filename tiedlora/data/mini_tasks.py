@@ -35,14 +35,13 @@ test set does not depend on ``n_train``.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import zlib
 from pathlib import Path
 from typing import Callable, Collection, NamedTuple
 
-from tiedlora.files import atomic_write_bytes
+from tiedlora.files import atomic_write_bytes, to_json
 
 __all__ = [
     "PEOPLE", "CITIES", "COLOURS", "ANIMALS", "OBJECTS", "PLACES", "DAYS", "ITEMS",
@@ -464,7 +463,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    atomic_write_bytes(path, "".join(to_json(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
 
 def write_task(name: str, out_dir: str | os.PathLike, n_train: int = 2000, n_val: int = 200,

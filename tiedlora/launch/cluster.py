@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from tiedlora.errors import preempt_exit_code_problem
+
 LAUNCHER_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "launcher"
 
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")  # sbatch --time forms
@@ -78,8 +80,9 @@ class ClusterConfig:
         if not hasattr(signal, "SIG" + self.signal.removeprefix("SIG")):
             bad("signal", self.signal, "not a signal name (USR1, USR2, TERM, ...)")
         self.signal = self.signal.removeprefix("SIG")
-        if not 0 < self.preempt_exit_code < 256:
-            bad("preempt_exit_code", self.preempt_exit_code, "must be in 1..255")
+        why = preempt_exit_code_problem(self.preempt_exit_code)
+        if why:
+            bad("preempt_exit_code", self.preempt_exit_code, why)
         for name in ("partition", "account", "qos", "mem", "time", "python"):
             _check_line(f"launcher.{name}", getattr(self, name))
         for i, opt in enumerate(self.extra_sbatch):

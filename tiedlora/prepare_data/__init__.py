@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tiedlora.files import to_json
 from tiedlora.prepare_data._common import (SPLITS, ConversionError, Holdout, Hub, convert_rows, find_files,
                                            holdout, load_hub, read_file, write_splits)
 
@@ -151,7 +151,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                            "from": (f"{mod.OFFICIAL['train']} (held out)" if s == "validation" and hold
                                     else mod.OFFICIAL[s])} for s in SPLITS},
             "holdout": None if hold is None else {"size": hold.size, "group": hold.group, "seed": cfg.seed}}
-    write_splits(Path(cfg.output), records, {"prepare_info.json": json.dumps(info, indent=2) + "\n"})
+    write_splits(Path(cfg.output), records, {"prepare_info.json": to_json(info, indent=2) + "\n"})
     return info
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from tiedlora.files import staged
+from tiedlora.files import staged, to_json
 
 SPLITS = ("train", "validation", "test")
 SPLIT_WORDS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
@@ -277,7 +277,7 @@ def write_splits(out_dir: Path, records: Dict[str, List[dict]], extra: Dict[str,
     them are complete, so an interrupted run leaves the previous files untouched."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts = {f"{s}.jsonl": (json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    texts = {f"{s}.jsonl": (to_json(r, ensure_ascii=False) + "\n" for r in recs)
              for s, recs in records.items()}
     texts.update({name: iter([t]) for name, t in extra.items()})
     with contextlib.ExitStack() as stack:  # every rename happens after the last write
