@@ -43,6 +43,12 @@ def _positions(b: int, start: int, n: int, device) -> torch.Tensor:
     return torch.arange(start, start + n, device=device).unsqueeze(0).expand(b, -1)
 
 
+def _row_positions(pad: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Position ids [b, count] of tokens start..start+count-1 of left-padded rows, counted
+    from each row's first real token (0 on padding)."""
+    return (_positions(len(pad), start, count, pad.device) - pad.unsqueeze(1)).clamp(min=0)
+
+
 def _check_single_stage():
     from megatron.core import parallel_state as ps
 
@@ -116,15 +122,12 @@ def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     for i, p in enumerate(prompts):
         seq[i, n - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=dev)
 
-    def positions(start: int, count: int) -> torch.Tensor:  # per row, from its first real token
-        return (_positions(b, start, count, dev) - pad.unsqueeze(1)).clamp(min=0)
-
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     steps = 0
     with _left_padded(model, pad):
         ctx = StaticInferenceContext(b, n + max_new_tokens) if use_cache else None
-        logits = model(seq, positions(0, n), left_padding_mask(pad, n, n), inference_context=ctx,
+        logits = model(seq, _row_positions(pad, 0, n), left_padding_mask(pad, n, n), inference_context=ctx,
                        runtime_gather_output=True)
         for step in range(max_new_tokens):
             nxt = logits[:, -1, :vocab_size].argmax(-1)
@@ -136,11 +139,11 @@ def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
             total = n + steps  # tokens per row once nxt is appended
             if use_cache:
                 ctx.sequence_len_offset = total - 1
-                logits = model(nxt.unsqueeze(1), positions(total - 1, 1), left_padding_mask(pad, 1, total),
+                logits = model(nxt.unsqueeze(1), _row_positions(pad, total - 1, 1), left_padding_mask(pad, 1, total),
                                inference_context=ctx, runtime_gather_output=True)
             else:
                 seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-                logits = model(seq, positions(0, total), left_padding_mask(pad, total, total),
+                logits = model(seq, _row_positions(pad, 0, total), left_padding_mask(pad, total, total),
                                runtime_gather_output=True)
     results = []
     for row in out[:, :steps].tolist():

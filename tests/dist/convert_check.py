@@ -6,6 +6,8 @@ checkpoint, out_tp2, out_pp2}) and the token ids. Rank 0 saves::
 
     logits/<name>          full-vocabulary logits of the converted base at TP=2
     adapted/<job>          logits of base + adapter at TP=2 (unmerged)
+    generate/<job>         greedy tokens of base + adapter at TP=2, the manifest's ``prompts``
+                           (mixed lengths) decoded in one left-padded batch
     merged_inplace/<job>   logits after merge_adapters_ at TP=2
     pp2_full/<name>        every canonical base tensor gathered from a PP=2 load
 """
@@ -24,6 +26,7 @@ from tiedlora.checkpoint import load_adapter  # noqa: E402
 from tiedlora.convert import load_base_checkpoint, model_config_from_checkpoint  # noqa: E402
 from tiedlora.convert.layout import gather_full  # noqa: E402
 from tiedlora.dist import init_distributed, shutdown  # noqa: E402
+from tiedlora.generate import greedy_generate  # noqa: E402
 from tiedlora.merge import merge_adapters_, merge_checkpoint  # noqa: E402
 from tiedlora.config import ParallelConfig  # noqa: E402
 from tiedlora.models.gpt import build_gpt_model, build_model_chunks  # noqa: E402
@@ -50,6 +53,8 @@ def main(out: str, manifest: str) -> None:
         apply_peft(model, peft_cfg)
         load_adapter_state_dict(model, tensors)
         results[f"adapted/{job}"] = megatron_logits(model, ids, cfg.vocab_size)
+        results[f"generate/{job}"] = greedy_generate(model, spec["prompts"], spec["new_tokens"], eos_id=-1,
+                                                     vocab_size=cfg.vocab_size, batch_size=len(spec["prompts"]))
         merge_adapters_(model)
         results[f"merged_inplace/{job}"] = megatron_logits(model, ids, cfg.vocab_size)
         merge_checkpoint(m["adapter"], cfg, m["out_tp2"], tp2)
