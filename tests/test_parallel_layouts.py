@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 import parallel_train as pt  # noqa: E402
 from helpers import TEST_THREADS, run_torchrun  # noqa: E402
-from numerics import Comparisons, Net, assert_close, gradient_terms, loss_terms  # noqa: E402
+from numerics import Net, assert_close, loss_terms  # noqa: E402
 
 from tiedlora import compat  # noqa: E402
 from tiedlora.convert.layout import gather_full  # noqa: E402
@@ -45,39 +45,6 @@ XLOAD = ["pp2->tp2_sp", "tp2_sp->pp2", "pp2_vpp2->dp2", "dp2->pp2_vpp2"]
 # the s earlier steps (through the parameters), so their K grows by one gradient per step.
 NET = Net.of(pt.model_cfg(), seq=pt.SEQ, rank=8)  # the presets' rank
 TOKENS = pt.NUM_MICRO * pt.MICRO_BATCH * pt.SEQ  # tokens per optimizer step (masks drop some)
-GRAD = gradient_terms(NET, TOKENS)
-
-
-def _check_run(got: dict, ref: dict, where: str) -> None:
-    """Every number of a training run vs the reference, within its rounding bound."""
-    c = Comparisons()
-    for step, (g, r) in enumerate(zip(got["losses"], ref["losses"])):
-        c.close(torch.tensor(g), torch.tensor(r), loss_terms(NET, TOKENS) + step * GRAD,
-                f"{where} step {step} loss")
-    for step, (g, r) in enumerate(zip(got["grad_norms"], ref["grad_norms"])):  # + the squares summed
-        c.close(torch.tensor(g), torch.tensor(r), (step + 1) * GRAD + ref["trainable_numel"],
-                f"{where} step {step} grad norm")
-    for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
-        assert list(g) == list(r)
-        for k, t in r.items():
-            c.close(g[k], t, (step + 1) * GRAD, f"{where} step {step} grad {k}")
-    trainable = ref["grads"][0]
-    for k, t in ref["final"].items():
-        if k not in trainable:  # frozen: never touched
-            assert torch.equal(got["final"][k], t) and torch.equal(t, ref["init"][k]), f"{where} frozen {k}"
-            continue
-        # AdamW is elementwise: the update inherits the gradients' relative error, in norm
-        c.close(got["final"][k] - got["init"][k], t - ref["init"][k], pt.STEPS * GRAD,
-                f"{where} {pt.STEPS}-step update {k}", scale="norm")
-    assert sorted(got["train_state"]) == sorted(ref["train_state"])
-    for k, t in ref["train_state"].items():
-        if k == "optim.step":
-            assert torch.equal(got["train_state"][k], t)
-            continue
-        squared = 2 if k.startswith("optim.exp_avg_sq.") else 1  # a square doubles the relative error
-        c.close(got["train_state"][k], t, squared * pt.STEPS * GRAD, f"{where} optimizer {k}",
-                     scale="norm")
-    c.check()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +80,7 @@ def test_layout_matches_single_process(runs, layout, name):
     for k in trainable:  # the comparison has teeth: every factor is trained
         assert any(r[k].abs().sum() > 0 for r in ref["grads"]), f"{k}: never a gradient"
         assert not torch.equal(ref["final"][k], ref["init"][k]), f"{k}: never moved"
-    _check_run(got, ref, where)
+    pt.compare_runs(got, ref, where, NET, TOKENS)
 
 
 @pytest.mark.dist

@@ -60,8 +60,8 @@ from tiedlora.peft import adapter_state_dict, finalize_adapter_grads, load_adapt
 from tiedlora.peft.model import trainable_params
 from tiedlora.tasks import read_task_data
 from tiedlora.training import (PreemptionFlag, build_optimizer, clip_adapter_grads, forward_backward,
-                               global_tokens, lr_at, reduce_loss, sync_tied_copies, truncate_metrics,
-                               write_jsonl_line)
+                               global_tokens, lr_at, reduce_loss, step_token_counts, sync_tied_copies,
+                               truncate_metrics, write_jsonl_line)
 
 
 def _say(msg: str) -> None:
@@ -90,7 +90,7 @@ class Run:
     t_start: float
     state: dict = field(default_factory=lambda: {
         "step": 0, "best_val": None, "bad_checks": 0, "best_step": None, "metrics_before": None,
-        "train_time": 0.0, "tokens": 0, "stopped_early": False})
+        "train_time": 0.0, "tokens": 0, "computed_tokens": 0, "stopped_early": False})
 
     @property
     def metrics_path(self) -> Path:
@@ -104,6 +104,7 @@ class Run:
 def setup(cfg: FinetuneConfig) -> Run:
     """Data first (no process group needed), then the process group, model, optimizer,
     and the latest checkpoint of ``cfg.output_dir`` when there is one."""
+    from tiedlora.data.packing import check_fits, pack_micro_batches
     from tiedlora.data.sft import MicroBatchSampler, SFTDataset, collate
 
     t_start = time.time()
@@ -131,9 +132,17 @@ def setup(cfg: FinetuneConfig) -> Run:
     sampler = MicroBatchSampler(len(train_ds), cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
                                 groups.rank(groups.dp), groups.size(groups.dp), cfg.trainer.seed)
     pad_mult = 8 * cfg.parallel.tp if cfg.parallel.sp else 8
+    pack_length = cfg.data.resolved_pack_length(cfg.task, cfg.model)
+    if cfg.data.packing:
+        check_fits(train_ds, pack_length)
+        check_fits(val_ds, pack_length)
     fixed_shape = cfg.parallel.pp > 1  # pipeline p2p needs one shape for all micro-batches
 
     def batches_of(ds, index_lists):
+        if cfg.data.packing:  # the same examples, whole, in packs of pack_length tokens
+            indices = [i for il in index_lists for i in il]
+            return pack_micro_batches(ds, indices, tokenizer.pad_id, pack_length, cfg.data.pack_algorithm,
+                                      cfg.trainer.seed)
         length = None
         if fixed_shape:
             longest = max(len(ds[i]["input_ids"]) - 1 for il in index_lists for i in il)
@@ -203,7 +212,7 @@ def train(run: Run) -> float:
     from tqdm import tqdm
 
     cfg, state, chunks, groups = run.cfg, run.state, run.chunks, run.groups
-    rank0, dp = is_rank0(), groups.size(groups.dp)
+    rank0 = is_rank0()
 
     # metric before training (the adapted model at step 0 is the base: ΔW = 0)
     if cfg.eval.before and state["metrics_before"] is None:
@@ -235,11 +244,12 @@ def train(run: Run) -> float:
         sync_tied_copies(chunks)
         step += 1
         loss = reduce_loss(loss_sum, toks, groups)
-        seen = sum(int((b["tokens"] != run.tokenizer.pad_id).sum()) for b in micro) * dp
+        seen, computed = step_token_counts(micro, groups)  # prompt + answer tokens; with padding
         dt = time.time() - t0
         state["tokens"] += seen
+        state["computed_tokens"] += computed
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": seen / dt, "step_time_s": dt}
+                  "tokens_per_s": seen / dt, "padding_fraction": 1 - seen / computed, "step_time_s": dt}
 
         if cfg.trainer.val_check_interval and (step % cfg.trainer.val_check_interval == 0 or step == max_steps):
             val = validation_loss(run)
@@ -270,8 +280,8 @@ def train(run: Run) -> float:
                 extra = f" val_loss={record['val_loss']:.4f}" if "val_loss" in record else ""
                 elapsed = time.time() - t_loop
                 eta = elapsed / max(1, step - first_step) * (max_steps - step)
-                print(f"step {step}/{max_steps} loss={loss:.4f} lr={lr:.2e} tok/s={seen / dt:,.0f}"
-                      f"{extra} eta={eta:.0f}s", flush=True)
+                print(f"step {step}/{max_steps} loss={loss:.4f} lr={lr:.2e} tok/s={seen / dt:,.0f} "
+                      f"pad={record['padding_fraction']:.0%}{extra} eta={eta:.0f}s", flush=True)
 
         stop = run.preempt.agreed()
         every = cfg.checkpoint.every_n_steps
@@ -323,6 +333,7 @@ def save(run: Run, train_wall: float) -> dict:
         "stopped_early": state["stopped_early"], "adapter": str(out / ckpt.ADAPTER_FILE),
         "adapter_selected": chosen, "train_time_s": round(state["train_time"], 1),
         "tokens_per_s": round(state["tokens"] / max(state["train_time"], 1e-9), 1),
+        "padding_fraction": round(1 - state["tokens"] / max(state["computed_tokens"], 1), 4),
         "eval_time_s": round(eval_time, 1), "wall_time_s": round(time.time() - run.t_start, 1),
         "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": groups.size(groups.dp),
                    "sp": cfg.parallel.sp},

@@ -8,6 +8,7 @@
 * :func:`clip_adapter_grads` — global gradient norm counting every tensor once
 * :func:`sync_tied_copies` — the optimizer's new value of a tied factor to its copies
 * :func:`reduce_loss`, :func:`global_tokens` — the step's loss and token count over replicas
+* :func:`step_token_counts` — the step's real and computed (padded) tokens over replicas
 * :class:`PreemptionFlag` — a signal asks for a checkpoint; all ranks agree at step end
 
 Saving and resuming the training state is :mod:`tiedlora.checkpoint`'s.
@@ -29,6 +30,7 @@ from torch import nn
 from tiedlora import compat
 from tiedlora.config import OptimConfig
 from tiedlora.dist import ProcessGroups, process_groups
+from tiedlora.models.attention import packed_seq_params
 from tiedlora.peft.model import AdapterParam, iter_adapter_params, trainable_params
 
 
@@ -82,7 +84,10 @@ def _forward_step(data_iterator, model):
     tokens = batch["tokens"].to(dev)
     labels = batch["labels"].to(dev)
     mask = batch["loss_mask"].to(dev)
-    out = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
+    packed = None
+    if "cu_seqlens" in batch:  # a pack of whole examples (tiedlora.data.packing): thd attention
+        packed = packed_seq_params(batch["cu_seqlens"], batch["cu_seqlens_padded"], batch["max_seqlen"], dev)
+    out = model(tokens, batch["position_ids"].to(dev), None, labels=labels, packed_seq_params=packed)
     return out, partial(_loss_func, mask)
 
 
@@ -127,6 +132,18 @@ def reduce_loss(loss_sum: float, tokens: int, groups: Optional[ProcessGroups] = 
     if groups.size(groups.dp) > 1:
         dist.all_reduce(t, group=groups.dp)
     return float(t[0] / t[1].clamp(min=1))
+
+
+def step_token_counts(micro_batches: List[dict], groups: Optional[ProcessGroups] = None) -> tuple[int, int]:
+    """(real, computed) tokens of this step over all micro-batches and data-parallel ranks:
+    real = prompt + answer tokens (``real_tokens`` of each batch), computed = every position
+    of every row, padding included."""
+    groups = groups or process_groups()
+    t = torch.tensor([float(sum(b["real_tokens"] for b in micro_batches)),
+                      float(sum(b["tokens"].numel() for b in micro_batches))], dtype=torch.float64)
+    if groups.size(groups.dp) > 1:
+        dist.all_reduce(t, group=groups.dp)
+    return int(t[0]), int(t[1])
 
 
 def global_tokens(micro_batches: List[dict], groups: Optional[ProcessGroups] = None) -> int:
