@@ -141,12 +141,16 @@ def test_tp2_adapted_and_merged_logits(runs, job):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
 @pytest.mark.parametrize("job", ["hf_gqa", "nemo_gpt2b"])
-def test_tp2_mixed_length_batch_decodes_like_each_prompt_alone(runs, job):
-    """Left-padded batch decoding at TP=2 (GQA LLaMA; GPT-2B-001-style with half the head
-    dimension rotated) gives each prompt the tokens it gets alone at TP=1."""
-    got, ref = runs["got"][f"generate/{job}"], runs["alone"][job]
+def test_tp2_mixed_length_batch_decodes_like_each_prompt_alone(runs, job, sp):
+    """Left-padded batch decoding at TP=2, with and without sequence parallelism (GQA LLaMA;
+    GPT-2B-001-style with half the head dimension rotated), gives each prompt the tokens it
+    gets alone at TP=1; sequence parallelism is back on afterwards."""
+    got, ref = runs["got"][f"generate{'_sp' if sp else ''}/{job}"], runs["alone"][job]
     assert got == ref and all(len(t) == NEW_TOKENS for t in got)
+    if sp:
+        assert runs["got"][f"sp_after/{job}"] is True
 
 
 @pytest.mark.dist

@@ -1,6 +1,7 @@
 """Greedy generation (with megatron-core's key/value cache) and log-likelihood scoring.
 
-Both run on one pipeline stage (PP=1) at any TP size: logits are gathered over the
+Both run on one pipeline stage (PP=1) at any TP size, with or without sequence parallelism
+(switched off while they run: a decode step has one token): logits are gathered over the
 tensor-parallel group (``runtime_gather_output``), so every TP rank computes the same
 tokens.
 
@@ -19,10 +20,14 @@ keys are masked (:func:`tiedlora.models.attention.left_padding_mask`), so each p
 attends and rotates as it would alone. A row that has produced EOS keeps being fed (its
 tokens are dropped) until every row has, or ``max_new_tokens`` are reached.
 
-Multiple-choice scoring (:func:`choice_logprobs`): every (question, choice) sequence of
-a list of questions, sorted by length and cut into batches of ``batch_size`` sequences,
-right-padded (causal attention: a real token never sees the padding to its right), one
-forward pass per batch; :func:`continuation_logprobs` scores one question per pass.
+Multiple-choice scoring (:func:`choice_logprobs`): questions sorted by prompt length,
+several per batch (at most ``batch_size`` choices). The prompts of a batch run once, left
+padded as above, and fill the KV cache; the cache of each question is copied once per
+choice, and every choice of the batch runs in one right-padded pass over its question's
+cache, rotated and masked as the decode steps are. Only the positions that predict a choice
+token reach the output layer. A prompt is computed once instead of once per choice, and
+the scores equal one question per forward pass (:func:`continuation_logprobs`, the
+reference) within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -97,6 +102,32 @@ def _batches(n: int, batch_size: int, progress: Optional[str]):
 
 
 @contextmanager
+def _without_sequence_parallel(model):
+    """Within the block, ``model`` runs without sequence parallelism (the same weights and
+    tensor-parallel sharding; activations whole on every TP rank). Sequence parallelism
+    splits a pass's tokens over the TP ranks, which a decode step of one token cannot."""
+    flags, configs = [], {}
+    for m in model.modules():
+        for attr in ("sequence_parallel", "reduce_scatter_embeddings"):  # set at construction
+            if getattr(m, attr, None) is True:
+                flags.append((m, attr))
+        config = getattr(m, "config", None)
+        if getattr(config, "sequence_parallel", False):
+            configs[id(config)] = config  # read at run time; shared by most modules
+    try:
+        for m, attr in flags:
+            setattr(m, attr, False)
+        for config in configs.values():
+            config.sequence_parallel = False
+        yield
+    finally:
+        for m, attr in flags:
+            setattr(m, attr, True)
+        for config in configs.values():
+            config.sequence_parallel = True
+
+
+@contextmanager
 def _left_padded(model, pad: torch.Tensor):
     """Within the block, ``model`` rotates row i from its first real token (pad[i])."""
     inner = getattr(model, "rotary_pos_emb", None) if model.position_embedding_type == "rope" else None
@@ -168,7 +199,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: List[List[int]] = [[] for _ in prompts]
     try:
-        with mask_honouring_cores(model):
+        with mask_honouring_cores(model), _without_sequence_parallel(model):
             for k in _batches(len(order), batch_size, progress):
                 chunk = order[k:k + batch_size]
                 outs = _greedy_batch(model, [prompts[i] for i in chunk], max_new_tokens, eos_id, vocab_size,
@@ -180,52 +211,103 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     return results
 
 
-def _sequence_logprobs(model, seqs: List[List[int]], starts: List[int], vocab_size: int) -> List[float]:
-    """Sum of log-probabilities of ``seq[start:]`` given ``seq[:start]``, for each sequence;
-    one forward pass over all of them, right-padded."""
+@contextmanager
+def _logits_at(model, rows: torch.Tensor, cols: torch.Tensor):
+    """Within the block, the output layer sees only the hidden states of (row, position)
+    pairs ``rows``, ``cols``: the model returns logits [1, n, vocab] for those n positions
+    (scoring needs a few positions of each sequence, not [b, s, vocab])."""
+
+    def select(module, args, kwargs):
+        hidden = args[0]  # [s, b, h]
+        return (hidden[cols, rows].unsqueeze(1),) + tuple(args[1:]), kwargs
+
+    handle = model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _score_questions(model, questions, vocab_size: int) -> List[List[float]]:
+    """Summed log-probabilities of every choice of a few questions: their prompts in one
+    left-padded pass that fills the KV cache, then every choice in one right-padded pass
+    over its own question's cache (module docstring)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
     dev = compat.default_device()
-    s = max(len(x) for x in seqs)
-    tokens = torch.full((len(seqs), s), PAD_ID, dtype=torch.long, device=dev)
-    for i, x in enumerate(seqs):
-        tokens[i, :len(x)] = torch.as_tensor(x, dtype=torch.long, device=dev)
-    logits = model(tokens, _positions(len(seqs), 0, s, dev), None, runtime_gather_output=True)
-    # only the positions that predict a continuation token reach the log-softmax
-    rows = torch.cat([torch.full((len(x) - st,), i, device=dev) for i, (x, st) in enumerate(zip(seqs, starts))])
-    cols = torch.cat([torch.arange(st - 1, len(x) - 1, device=dev) for x, st in zip(seqs, starts)])
-    targets = torch.cat([torch.as_tensor(x[st:], dtype=torch.long, device=dev) for x, st in zip(seqs, starts)])
-    logp = F.log_softmax(logits[rows, cols, :vocab_size].float(), dim=-1)
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    sums = torch.zeros(len(seqs), dtype=picked.dtype, device=dev).index_add_(0, rows, picked)
-    return sums.tolist()
+    prompts = [list(p) for p, _ in questions]
+    conts = [list(c) for _, cs in questions for c in cs]
+    owner = torch.tensor([q for q, (_, cs) in enumerate(questions) for _ in cs], device=dev)
+    n_p, n_c = max(len(p) for p in prompts), max(len(c) for c in conts)
+    pad = torch.tensor([n_p - len(p) for p in prompts], device=dev)
+    x = torch.full((len(prompts), n_p), PAD_ID, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        x[i, n_p - len(p):] = torch.as_tensor(p, dtype=torch.long, device=dev)
+    ctx = StaticInferenceContext(len(prompts), n_p + n_c)
+    with _left_padded(model, pad):  # the prompts; the last position predicts each choice's first token
+        first = model(x, _row_positions(pad, 0, n_p), left_padding_mask(pad, n_p, n_p), inference_context=ctx,
+                      runtime_gather_output=True)[:, -1, :vocab_size]
+    targets = torch.tensor([c[0] for c in conts], device=dev)
+    scores = F.log_softmax(first.float(), dim=-1)[owner].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # positions j = 0 .. len(c) - 2 of a choice predict its token j + 1
+    rows = torch.tensor([r for r, c in enumerate(conts) for _ in c[1:]], dtype=torch.long, device=dev)
+    if len(rows):
+        cols = torch.tensor([j for c in conts for j in range(len(c) - 1)], dtype=torch.long, device=dev)
+        nxt = torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long, device=dev)
+        for layer, (k, v) in ctx.key_value_memory_dict.items():  # one copy of its prompt's cache per choice
+            ctx.key_value_memory_dict[layer] = (k.index_select(1, owner), v.index_select(1, owner))
+        ctx.max_batch_size, ctx.sequence_len_offset = len(conts), n_p
+        ctx.materialize_only_last_token_logits = False
+        y = torch.full((len(conts), n_c), PAD_ID, dtype=torch.long, device=dev)
+        for i, c in enumerate(conts):
+            y[i, :len(c)] = torch.as_tensor(c, dtype=torch.long, device=dev)
+        rpad = pad[owner]
+        with _left_padded(model, rpad), _logits_at(model, rows, cols):
+            logits = model(y, _row_positions(rpad, n_p, n_c), left_padding_mask(rpad, n_c, n_p + n_c),
+                           inference_context=ctx, runtime_gather_output=True)[0, :, :vocab_size]
+        picked = F.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        scores = scores.index_add(0, rows, picked)
+    flat = scores.tolist()
+    out, at = [], 0
+    for _, cs in questions:
+        out.append(flat[at:at + len(cs)])
+        at += len(cs)
+    return out
 
 
 @torch.no_grad()
 def choice_logprobs(model, questions: Sequence[Tuple[Sequence[int], Sequence[Sequence[int]]]],
                     vocab_size: int, batch_size: int = 16, progress: Optional[str] = None) -> List[List[float]]:
     """For each ``(prompt, continuations)``, the summed log-probability of every
-    continuation given the prompt. The (question, choice) sequences are sorted by length
-    and scored ``batch_size`` at a time, several questions per forward pass."""
+    continuation given the prompt. Questions are sorted by prompt length and scored
+    several at a time, at most ``batch_size`` continuations per batch (module docstring)."""
     _check_single_stage()
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    flat = []  # (question, choice, tokens, start)
     for qi, (prompt, conts) in enumerate(questions):
         if not prompt:
             raise ValueError(f"choice_logprobs: question {qi} has an empty prompt")
         for ci, c in enumerate(conts):
             if not c:
                 raise ValueError(f"choice_logprobs: question {qi}, choice {ci} has no tokens")
-            flat.append((qi, ci, list(prompt) + list(c), len(prompt)))
-    flat.sort(key=lambda e: -len(e[2]))
-    scores: List[List[float]] = [[0.0] * len(conts) for _, conts in questions]
+    order = sorted(range(len(questions)), key=lambda q: -len(questions[q][0]))
+    batches, size = [[]], 0
+    for q in order:  # whole questions, at most batch_size continuations (one question may exceed it)
+        k = len(questions[q][1])
+        if batches[-1] and size + k > batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(q)
+        size += k
+    scores: List[List[float]] = [[] for _ in questions]
     was_training = model.training
     model.eval()
     try:
-        for k in _batches(len(flat), batch_size, progress):
-            part = flat[k:k + batch_size]
-            sums = _sequence_logprobs(model, [e[2] for e in part], [e[3] for e in part], vocab_size)
-            for (qi, ci, _, _), v in zip(part, sums):
-                scores[qi][ci] = v
+        with mask_honouring_cores(model), _without_sequence_parallel(model):
+            for k in _batches(len(batches) if order else 0, 1, progress):
+                qs = batches[k]
+                for q, s in zip(qs, _score_questions(model, [questions[q] for q in qs], vocab_size)):
+                    scores[q] = s
     finally:
         model.train(was_training)
     return scores

@@ -8,6 +8,7 @@ checkpoint, out_tp2, out_pp2}) and the token ids. Rank 0 saves::
     adapted/<job>          logits of base + adapter at TP=2 (unmerged)
     generate/<job>         greedy tokens of base + adapter at TP=2, the manifest's ``prompts``
                            (mixed lengths) decoded in one left-padded batch
+    generate_sp/<job>      the same at TP=2 with sequence parallelism
     merged_inplace/<job>   logits after merge_adapters_ at TP=2
     pp2_full/<name>        every canonical base tensor gathered from a PP=2 load
 """
@@ -58,6 +59,19 @@ def main(out: str, manifest: str) -> None:
         merge_adapters_(model)
         results[f"merged_inplace/{job}"] = megatron_logits(model, ids, cfg.vocab_size)
         merge_checkpoint(m["adapter"], cfg, m["out_tp2"], tp2)
+
+    tp2_sp = ParallelConfig(tp=2, sp=True)  # generation switches sequence parallelism off while it runs
+    init_distributed(tp2_sp, seed=3)
+    for job, m in spec["merges"].items():
+        cfg = model_config_from_checkpoint(m["checkpoint"])
+        tensors, peft_cfg, _ = load_adapter(Path(m["adapter"]))
+        model = build_gpt_model(cfg, tp2_sp)
+        load_base_checkpoint([model], cfg, tp2_sp)
+        apply_peft(model, peft_cfg)
+        load_adapter_state_dict(model, tensors)
+        results[f"generate_sp/{job}"] = greedy_generate(model, spec["prompts"], spec["new_tokens"], eos_id=-1,
+                                                        vocab_size=cfg.vocab_size, batch_size=len(spec["prompts"]))
+        results[f"sp_after/{job}"] = model.config.sequence_parallel  # switched back on
 
     pp2 = ParallelConfig(pp=2)
     init_distributed(pp2, seed=3)
