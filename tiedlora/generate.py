@@ -102,6 +102,45 @@ def _batches(n: int, batch_size: int, progress: Optional[str]):
 
 
 @contextmanager
+def _keys_rotated_once(model):
+    """Within the block, megatron's static KV cache holds *rotated* keys.
+
+    megatron caches keys before the rotary embedding and rotates the whole cache again at
+    every decode step ([s, b, groups, hn] of multiplies per layer and token, most of a CPU
+    decode step's non-matmul time). Here each new key is rotated once, at its own positions,
+    with megatron's own ``apply_rotary_pos_emb`` and table, before it is cached, and the
+    key rotation megatron would apply is dropped -- as megatron's dynamic-batching engine
+    does. Rotation is elementwise per position, so the attention sees the same values.
+    """
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.attention import Attention
+
+    def wrap(attn):
+        adjust = attn._adjust_key_value_for_inference
+
+        def rotated(ctx, query, key, value, rotary_pos_emb, *args, **kwargs):
+            if ctx is None or rotary_pos_emb is None or not ctx.is_static_batching():
+                return adjust(ctx, query, key, value, rotary_pos_emb, *args, **kwargs)
+            start = ctx.sequence_len_offset
+            key = apply_rotary_pos_emb(key, rotary_pos_emb[1][start:start + key.size(0)], config=attn.config,
+                                       cp_group=attn.pg_collection.cp)
+            query, key, value, rotary, mask_type, table = adjust(ctx, query, key, value, rotary_pos_emb,
+                                                                 *args, **kwargs)
+            return query, key, value, (rotary[0], None), mask_type, table
+
+        return rotated
+
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    try:
+        for attn in attentions:
+            attn._adjust_key_value_for_inference = wrap(attn)
+        yield
+    finally:
+        for attn in attentions:
+            attn.__dict__.pop("_adjust_key_value_for_inference", None)
+
+
+@contextmanager
 def _without_sequence_parallel(model):
     """Within the block, ``model`` runs without sequence parallelism (the same weights and
     tensor-parallel sharding; activations whole on every TP rank). Sequence parallelism
@@ -199,7 +238,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: List[List[int]] = [[] for _ in prompts]
     try:
-        with mask_honouring_cores(model), _without_sequence_parallel(model):
+        with mask_honouring_cores(model), _without_sequence_parallel(model), _keys_rotated_once(model):
             for k in _batches(len(order), batch_size, progress):
                 chunk = order[k:k + batch_size]
                 outs = _greedy_batch(model, [prompts[i] for i in chunk], max_new_tokens, eos_id, vocab_size,
@@ -303,7 +342,7 @@ def choice_logprobs(model, questions: Sequence[Tuple[Sequence[int], Sequence[Seq
     was_training = model.training
     model.eval()
     try:
-        with mask_honouring_cores(model), _without_sequence_parallel(model):
+        with mask_honouring_cores(model), _without_sequence_parallel(model), _keys_rotated_once(model):
             for k in _batches(len(batches) if order else 0, 1, progress):
                 qs = batches[k]
                 for q, s in zip(qs, _score_questions(model, [questions[q] for q in qs], vocab_size)):
