@@ -97,8 +97,8 @@ def _padded_rows(prompts):
     return padded, whole
 
 
-@pytest.mark.parametrize("name", PRESETS)
-@pytest.mark.parametrize("base", ["mini", "llama", "absolute"])
+@pytest.mark.parametrize("base, name", [(b, n) for b in ("mini", "llama") for n in PRESETS]
+                         + [("absolute", n) for n in ("lora", "vera", "tl6")])
 def test_mixed_length_batches_decode_like_each_prompt_alone(bases, base, name):
     make, vocab = bases[base]
     model = make(name)
