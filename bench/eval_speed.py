@@ -38,17 +38,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish, lognormal_lengths, start, sync, where  # noqa: E402
 
 SHAPES = {  # LlamaConfig fields
     "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
@@ -83,13 +82,6 @@ def parse_args(argv=None):
     args.shape = shape
     args.dtype = torch.bfloat16 if args.gpu_shapes else torch.float32
     return args
-
-
-def lengths(n: int, mean: float, std: float, lo: int, hi: int, seed: int) -> list:
-    """n integers from a log-normal with this mean and standard deviation, clipped to [lo, hi]."""
-    s2 = np.log(1 + std ** 2 / mean ** 2)
-    draw = np.random.default_rng(seed).lognormal(np.log(mean) - s2 / 2, np.sqrt(s2), n)
-    return np.clip(draw.round(), lo, hi).astype(int).tolist()
 
 
 def random_ids(n: int, vocab: int, g: torch.Generator) -> list:
@@ -172,11 +164,6 @@ def choice_configs(args, ours, vocab, questions):
             "one per pass": lambda: [continuation_logprobs(ours, p, cs, vocab) for p, cs in questions]}
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(configs: dict, rounds: int, device: str, skip=()) -> tuple[dict, dict]:
     """Interleaved rounds: {name: [seconds per round]} and each configuration's last output."""
     times = {name: [] for name in configs if name not in skip}
@@ -207,30 +194,20 @@ def agreement(a: list, b: list) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from tiedlora import compat
-    from tiedlora.config import ParallelConfig
-    from tiedlora.dist import init_distributed, shutdown
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    compat.install()
-    init_distributed(ParallelConfig(), seed=1234)
+    start(args.device, args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     t_build = time.perf_counter()
     hf, ours, vocab = build_models(args)
     build_s = time.perf_counter() - t_build
     g = torch.Generator().manual_seed(1)
-    prompt_lens = lengths(args.prompts, 160, 60, 48, 320, seed=2)
+    prompt_lens = lognormal_lengths(args.prompts, 160, 60, 48, 320, seed=2)
     prompts = [random_ids(n, vocab, g) for n in prompt_lens]
-    q_lens = lengths(args.questions, 100, 40, 24, 256, seed=3)
+    q_lens = lognormal_lengths(args.questions, 100, 40, 24, 256, seed=3)
     questions = [(random_ids(n, vocab, g), [random_ids(int(torch.randint(8, 41, (1,), generator=g)), vocab, g)
                                             for _ in range(4)]) for n in q_lens]
     print(f"model: {args.shape} ({sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M parameters, "
-          f"{str(args.dtype).replace('torch.', '')}) on {args.device}"
-          + (f", {args.threads} threads" if args.device == "cpu" else f", {torch.cuda.get_device_name()}")
-          + f"; built in {build_s:.0f} s; torch {torch.__version__}")
+          f"{str(args.dtype).replace('torch.', '')}) on {where(args.device, args.threads)}; built in "
+          f"{build_s:.0f} s; torch {torch.__version__}")
     print(f"decoding: {len(prompts)} prompts of {min(prompt_lens)}-{max(prompt_lens)} tokens (mean "
           f"{statistics.mean(prompt_lens):.0f}, {len(set(prompt_lens))} distinct lengths), {args.new_tokens} new "
           f"tokens, batch {args.batch}; {args.rounds} timed round(s) after a warm-up")
@@ -262,15 +239,7 @@ def main(argv=None) -> dict:
                         5.0, "ge"))
     if len(mc_med) == 2:
         targets.append(("multiple choice: one per pass ÷ ours ≥ 3", mc_med["one per pass"] / mc_med["ours"], 3.0, "ge"))
-    print("\ntargets (✓ met, ✗ not met)")
-    for what, value, bound, how in targets:
-        ok = value <= bound if how == "le" else value >= bound
-        print(f"  {what:<56}{value:8.3f} {'✓' if ok else '✗'}")
-    result["targets"] = {what: value for what, value, _, _ in targets}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    shutdown()
-    return result
+    return finish(result, targets, args.json)
 
 
 if __name__ == "__main__":

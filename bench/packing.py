@@ -45,10 +45,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish, lognormal_lengths, start, sync, where  # noqa: E402
 
 SHAPES = {  # ModelConfig fields
     "cpu": dict(num_layers=6, hidden_size=768, ffn_hidden_size=2048, num_attention_heads=12, vocab_size=32000),
@@ -86,9 +86,7 @@ def parse_args(argv=None):
 def example_lengths(n: int, args, seed: int) -> list:
     """Prompt + answer lengths (module docstring); tiny: a quarter of them."""
     mean, std, lo, hi = (230, 100, 40, 1024) if args.shape != "tiny" else (58, 25, 10, 256)
-    s2 = np.log(1 + std ** 2 / mean ** 2)
-    draw = np.random.default_rng(seed).lognormal(np.log(mean) - s2 / 2, np.sqrt(s2), n)
-    return np.clip(draw.round(), lo, min(hi, args.pack_length)).astype(int).tolist()
+    return lognormal_lengths(n, mean, std, lo, min(hi, args.pack_length), seed)
 
 
 def make_examples(n: int, vocab: int, args, seed: int) -> list:
@@ -145,11 +143,6 @@ def train_step(model, optimizer, optim_cfg, batches, autocast):
     return loss
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def memory_rows(args) -> tuple[int, int]:
     """(examples, tokens each) of the memory comparison's micro-batch: pack_length tokens."""
     per = 512 if args.pack_length >= 1024 else args.pack_length // 4
@@ -178,16 +171,9 @@ def peak_memory_gb(args, model, optimizer, optim_cfg, autocast, kind: str, vocab
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from tiedlora import compat
-    from tiedlora.config import ParallelConfig
-    from tiedlora.dist import init_distributed, set_seed, shutdown
+    start(args.device, args.threads)
+    from tiedlora.dist import set_seed, shutdown
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    compat.install()
-    init_distributed(ParallelConfig(), seed=1234)
     set_seed(0)
     autocast = torch.bfloat16 if args.device == "cuda" else None
     t0 = time.perf_counter()
@@ -204,9 +190,8 @@ def main(argv=None) -> dict:
     real = [sum(len(e["input_ids"]) - 1 for e in d) for d in data]
     every = [x for d in data for x in (len(e["input_ids"]) - 1 for e in d)]
     print(f"model: {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
-          f"{cfg.params_dtype}) on {args.device}"
-          + (f", {args.threads} threads" if args.device == "cpu" else f", {torch.cuda.get_device_name()}")
-          + f"; built in {build_s:.0f} s; torch {torch.__version__}")
+          f"{cfg.params_dtype}) on {where(args.device, args.threads)}; built in {build_s:.0f} s; "
+          f"torch {torch.__version__}")
     print(f"examples: {len(every)} of {min(every)}-{max(every)} tokens (mean {statistics.mean(every):.0f}, "
           f"median {statistics.median(every):.0f}); {args.global_batch} per step, micro-batch {args.micro_batch} "
           f"unpacked, packs of {args.pack_length}; {args.rounds} round(s) x {args.steps} step(s) after a warm-up")
@@ -259,15 +244,7 @@ def main(argv=None) -> dict:
               f"{peaks['packed']:.2f} GiB")
         targets.append(("packed ÷ unpacked peak memory ≤ 1", peaks["packed"] / peaks["unpacked"], 1.0, "le"))
         result["peak_gb"] = peaks
-    print("\ntargets (✓ met, ✗ not met)")
-    for what, value, bound, how in targets:
-        ok = value >= bound if how == "ge" else value <= bound
-        print(f"  {what:<48}{value:8.3f} {'✓' if ok else '✗'}")
-    result["targets"] = {what: value for what, value, _, _ in targets}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    shutdown()
-    return result
+    return finish(result, targets, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 import parallel_train as pt  # noqa: E402
@@ -23,11 +22,9 @@ from helpers import TEST_THREADS, build, perturb, preset, run_torchrun, tiny_mod
 from numerics import Net, assert_close, gradient_terms, loss_terms  # noqa: E402
 
 from tiedlora.config import ParallelConfig, compose, to_object  # noqa: E402
-from tiedlora.convert.layout import gather_full  # noqa: E402
 from tiedlora.data.packing import check_fits, collate_packed, first_fit, plan_packs  # noqa: E402
 from tiedlora.data.sft import collate  # noqa: E402
-from tiedlora.dist import init_distributed, set_seed  # noqa: E402
-from tiedlora.models.gpt import build_model_chunks  # noqa: E402
+from tiedlora.dist import init_distributed  # noqa: E402
 from tiedlora.training import forward_backward  # noqa: E402
 
 NET = Net.of(pt.model_cfg(), seq=pt.SEQ, rank=8)  # examples of at most SEQ tokens; the presets' rank
@@ -113,17 +110,8 @@ def test_packing_is_off_by_default_and_fills_the_task_length():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mp1):
     d = tmp_path_factory.mktemp("packing")
-    init_distributed(ParallelConfig(), seed=pt.SEED)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TEST_THREADS)  # as the workers
-    try:
-        set_seed(pt.SEED)
-        base = gather_full(build_model_chunks(pt.model_cfg(), ParallelConfig()))
-        save_file({k: v.contiguous() for k, v in base.items()}, str(d / "base.safetensors"))
-        ref = {n: pt.train(ParallelConfig(), n, base, batches=pt.unpacked_batches)[0] for n in pt.PRESETS}
-        tp1 = {n: pt.train(ParallelConfig(), n, base, batches=pt.packed_batches)[0] for n in pt.PRESETS}
-    finally:
-        torch.set_num_threads(threads)
+    base, runs = pt.single_process(d, TEST_THREADS, {"ref": pt.unpacked_batches, "tp1": pt.packed_batches})
+    ref, tp1 = runs["ref"], runs["tp1"]
     got = run_torchrun("packing_check.py", 2, d / "out.pt", str(d / "base.safetensors"), timeout=600)
     got.update({f"run/tp1/{n}": r for n, r in tp1.items()})
     return {"ref": ref, "got": got, "base": base}

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 import parallel_train as pt  # noqa: E402
@@ -28,10 +27,9 @@ from helpers import TEST_THREADS, run_torchrun  # noqa: E402
 from numerics import Net, assert_close, loss_terms  # noqa: E402
 
 from tiedlora import compat  # noqa: E402
-from tiedlora.convert.layout import gather_full  # noqa: E402
-from tiedlora.dist import init_distributed, set_seed  # noqa: E402
+from tiedlora.dist import init_distributed  # noqa: E402
 from tiedlora.config import ParallelConfig  # noqa: E402
-from tiedlora.models.gpt import build_model_chunks, transformer_config  # noqa: E402
+from tiedlora.models.gpt import transformer_config  # noqa: E402
 from tiedlora.peft import load_adapter_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # tests/numerics.py; run under other CPU kernels by .ci/numerics-tests
@@ -50,16 +48,8 @@ TOKENS = pt.NUM_MICRO * pt.MICRO_BATCH * pt.SEQ  # tokens per optimizer step (ma
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mp1):
     d = tmp_path_factory.mktemp("layouts")
-    init_distributed(ParallelConfig(), seed=pt.SEED)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TEST_THREADS)  # as the workers
-    try:
-        set_seed(pt.SEED)
-        base = gather_full(build_model_chunks(pt.model_cfg(), ParallelConfig()))
-        save_file({k: v.contiguous() for k, v in base.items()}, str(d / "base.safetensors"))
-        ref = {name: pt.train(ParallelConfig(), name, base)[0] for name in pt.PRESETS}
-    finally:
-        torch.set_num_threads(threads)
+    base, ref = pt.single_process(d, TEST_THREADS, {"ref": None})
+    ref = ref["ref"]
     got = run_torchrun("parallel_check.py", 2, d / "out.pt", str(d / "base.safetensors"), str(d),
                        timeout=600)
     return {"ref": ref, "got": got, "base": base}

@@ -34,6 +34,23 @@ from tiedlora.models.gpt import build_gpt_model, build_model_chunks  # noqa: E40
 from tiedlora.peft import apply_peft, load_adapter_state_dict  # noqa: E402
 
 
+def adapted(job: dict, parallel: ParallelConfig):
+    """(model config, base + the job's adapter) under ``parallel``."""
+    cfg = model_config_from_checkpoint(job["checkpoint"])
+    tensors, peft_cfg, _ = load_adapter(Path(job["adapter"]))
+    model = build_gpt_model(cfg, parallel)
+    load_base_checkpoint([model], cfg, parallel)
+    apply_peft(model, peft_cfg)
+    load_adapter_state_dict(model, tensors)
+    return cfg, model
+
+
+def generate(model, cfg, spec: dict):
+    """The manifest's mixed-length prompts decoded as one left-padded batch."""
+    return greedy_generate(model, spec["prompts"], spec["new_tokens"], eos_id=-1, vocab_size=cfg.vocab_size,
+                           batch_size=len(spec["prompts"]))
+
+
 def main(out: str, manifest: str) -> None:
     spec = json.loads(Path(manifest).read_text())
     ids = torch.tensor(spec["ids"])
@@ -47,15 +64,9 @@ def main(out: str, manifest: str) -> None:
         load_base_checkpoint([model], cfg, tp2)
         results[f"logits/{name}"] = megatron_logits(model, ids, cfg.vocab_size)
     for job, m in spec["merges"].items():
-        cfg = model_config_from_checkpoint(m["checkpoint"])
-        tensors, peft_cfg, _ = load_adapter(Path(m["adapter"]))
-        model = build_gpt_model(cfg, tp2)
-        load_base_checkpoint([model], cfg, tp2)
-        apply_peft(model, peft_cfg)
-        load_adapter_state_dict(model, tensors)
+        cfg, model = adapted(m, tp2)
         results[f"adapted/{job}"] = megatron_logits(model, ids, cfg.vocab_size)
-        results[f"generate/{job}"] = greedy_generate(model, spec["prompts"], spec["new_tokens"], eos_id=-1,
-                                                     vocab_size=cfg.vocab_size, batch_size=len(spec["prompts"]))
+        results[f"generate/{job}"] = generate(model, cfg, spec)
         merge_adapters_(model)
         results[f"merged_inplace/{job}"] = megatron_logits(model, ids, cfg.vocab_size)
         merge_checkpoint(m["adapter"], cfg, m["out_tp2"], tp2)
@@ -63,14 +74,8 @@ def main(out: str, manifest: str) -> None:
     tp2_sp = ParallelConfig(tp=2, sp=True)  # generation switches sequence parallelism off while it runs
     init_distributed(tp2_sp, seed=3)
     for job, m in spec["merges"].items():
-        cfg = model_config_from_checkpoint(m["checkpoint"])
-        tensors, peft_cfg, _ = load_adapter(Path(m["adapter"]))
-        model = build_gpt_model(cfg, tp2_sp)
-        load_base_checkpoint([model], cfg, tp2_sp)
-        apply_peft(model, peft_cfg)
-        load_adapter_state_dict(model, tensors)
-        results[f"generate_sp/{job}"] = greedy_generate(model, spec["prompts"], spec["new_tokens"], eos_id=-1,
-                                                        vocab_size=cfg.vocab_size, batch_size=len(spec["prompts"]))
+        cfg, model = adapted(m, tp2_sp)
+        results[f"generate_sp/{job}"] = generate(model, cfg, spec)
         results[f"sp_after/{job}"] = model.config.sequence_parallel  # switched back on
 
     pp2 = ParallelConfig(pp=2)

@@ -287,6 +287,30 @@ def compare_runs(got: dict, ref: dict, where: str, net, tokens: int) -> None:
     c.check()
 
 
+def single_process(d: Path, threads: int, batch_fns: Dict[str, Callable]) -> tuple:
+    """The TP=PP=DP=1 side of a layout test, in the calling process: the base weights (also
+    saved as ``d/base.safetensors`` for the workers) and, per entry of ``batch_fns`` (None:
+    :func:`my_micro_batches`), every preset trained on those micro-batches. Runs with
+    ``threads`` threads, as the workers."""
+    from safetensors.torch import save_file
+
+    from tiedlora.convert.layout import gather_full
+    from tiedlora.dist import init_distributed
+
+    init_distributed(ParallelConfig(), seed=SEED)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        set_seed(SEED)
+        base = gather_full(build_model_chunks(model_cfg(), ParallelConfig()))
+        save_file({k: v.contiguous() for k, v in base.items()}, str(d / "base.safetensors"))
+        runs = {key: {n: train(ParallelConfig(), n, base, batches=fn)[0] for n in PRESETS}
+                for key, fn in batch_fns.items()}
+    finally:
+        torch.set_num_threads(before)
+    return base, runs
+
+
 def eval_loss(chunks) -> float:
     """Per-token loss of the step-0 batch, forward only (evaluation under this layout)."""
     loss_sum, toks = forward_backward(chunks, my_micro_batches(0), forward_only=True)
