@@ -479,7 +479,7 @@ class EvalConfig:
     before: bool = True  # score the un-adapted base first (ΔW = 0 at step 0)
     after: bool = True  # score the trained adapter at the end
     limit: int = 0  # examples to score (0: the whole split)
-    batch_size: int = 16  # prompts decoded together; (question, choice) sequences scored together
+    batch_size: int = 16  # prompts decoded together; choices scored together (whole questions)
     use_best: bool = True  # evaluate the adapter with the best validation loss
 
 
