@@ -7,7 +7,8 @@
 One random LLaMA-style model (``transformers.LlamaForCausalLM``, seeded) is converted into
 ours (``tiedlora.convert``; a TL6 r=8 adapter on ``linear_qkv`` is applied, as evaluation
 runs it), so both sides compute with the same weights. Configurations are interleaved
-round by round and the median time of each is reported, with ratios taken within the run.
+round by round and the median time of each is reported, with ratios taken within the run
+(and the fastest round's, which another process on the machine disturbs least).
 
 Greedy decoding: ``--prompts`` prompts whose lengths follow a SQuAD-like spread (a
 log-normal with mean 160 and standard deviation 60 tokens, clipped to [48, 320]: about
@@ -181,10 +182,11 @@ def timed(configs: dict, rounds: int, device: str, skip=()) -> tuple[dict, dict]
 def report(title: str, times: dict, base: str) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{title}")
-    print(f"{'configuration':<16}{'median s':>10}{'spread':>9}{'÷ ' + base:>14}")
+    print(f"{'configuration':<16}{'median s':>10}{'spread':>9}{'÷ ' + base:>14}{'min s':>9}{'÷ by min':>10}")
     for k, v in times.items():
         spread = (max(v) - min(v)) / med[k] if len(v) > 1 else 0.0
-        print(f"{k:<16}{med[k]:>10.3f}{spread:>8.1%}{med[k] / med[base]:>14.3f}")
+        print(f"{k:<16}{med[k]:>10.3f}{spread:>8.1%}{med[k] / med[base]:>14.3f}{min(v):>9.3f}"
+              f"{min(v) / min(times[base]):>10.3f}")
     return med
 
 
