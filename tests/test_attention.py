@@ -76,6 +76,42 @@ def test_core_matches_local_causal_mask_and_decode(mp1, heads):
                f"sdpa vs local, decode step ({mt.name})")
 
 
+@pytest.mark.parametrize("heads", [{}, GQA], ids=["mha", "gqa"])
+def test_packed_thd_core_attends_each_example_alone(mp1, heads):
+    """A thd buffer of three examples and a padding tail: each example's output is the
+    causal attention of that example alone (megatron's local core on it as a batch of one),
+    the padding positions are zero, and the whole thing is differentiable."""
+    from tiedlora.models.attention import packed_seq_params
+
+    cfg = tiny_model_cfg(**heads)
+    sdpa, local = _core("sdpa", cfg).eval(), _core("local", cfg).eval()
+    lengths, t = [5, 9, 1, 3], 24  # four examples (one of a single token), 6 tokens of padding
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    padded = torch.cat([cu[:-1], torch.tensor([t])])
+    q, k, v = (x[:, 0] for x in _qkv(cfg, t, t, b=1, seed=5))  # [t, heads, hn]
+    q.requires_grad_(True)
+    out = sdpa(q, k, v, None, packed_seq_params=packed_seq_params(cu, padded, max_seqlen=9))
+    assert out.shape == (t, cfg.num_attention_heads * cfg.head_dim)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        sl = slice(a, b)
+        ref = local(q[sl].unsqueeze(1), k[sl].unsqueeze(1), v[sl].unsqueeze(1), None)[:, 0]
+        _close(out[sl], q[sl].unsqueeze(1), k[sl].unsqueeze(1), ref, f"example [{a}, {b}) of the pack")
+    assert torch.equal(out[int(cu[-1]):], torch.zeros(t - int(cu[-1]), out.shape[1]))
+    out.sum().backward()
+    assert q.grad[:int(cu[-1])].abs().sum() > 0 and q.grad[int(cu[-1]):].abs().sum() == 0
+    # without cu_seqlens_padded the buffer must end where the examples end
+    with pytest.raises(ValueError, match="packed buffer holds 24 tokens but cu_seqlens ends at 18"):
+        sdpa(q, k, v, None, packed_seq_params=_without_padded(packed_seq_params(cu, padded, max_seqlen=9)))
+    with pytest.raises(ValueError, match="take no attention_mask"):
+        sdpa(q, k, v, torch.zeros(1, 1, t, t, dtype=torch.bool),
+             packed_seq_params=packed_seq_params(cu, padded, max_seqlen=9))
+
+
+def _without_padded(params):
+    params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = None
+    return params
+
+
 def test_core_softmax_scale_and_layer_scaling(mp1):
     cfg = tiny_model_cfg()
     q, k, v = _qkv(cfg, 8, 8, seed=1)

@@ -1,5 +1,5 @@
-"""bench/step_time.py, bench/adapter_ops.py and bench/vs_peft.py run and report every configuration
-(smoke runs, not timings)."""
+"""bench/step_time.py, bench/adapter_ops.py, bench/vs_peft.py, bench/eval_speed.py and
+bench/packing.py run and report every configuration (smoke runs, not timings)."""
 
 import json
 import subprocess
@@ -51,3 +51,35 @@ def test_vs_peft_bench_smoke(tmp_path):
     assert runs["tl6 r=8"]["trainable"] > 0 and runs["hf-floor"]["trainable"] == 0
     assert all(len(r["times"]) == 2 and r["step_s"] > 0 for r in runs.values())  # 2 rounds × 1 step
     assert all(r["peak_rss_gb"] > 0.1 for r in runs.values())  # each from its own process
+
+
+def test_eval_speed_bench_smoke(tmp_path):
+    """bench/eval_speed.py on a 2-layer model: every configuration timed, both sides agree
+    on the tokens and on the picked choices, targets printed (timings mean nothing here)."""
+    out = tmp_path / "eval_speed.json"
+    res = subprocess.run([sys.executable, "bench/eval_speed.py", "--tiny", "--rounds", "1", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["decode"]["median"]) == {"ours", "ours before", "HF sorted", "HF as given"}
+    assert set(r["choice"]["median"]) == {"ours", "one per pass"}
+    assert "identical outputs, ours vs HF sorted: 100%" in res.stdout
+    assert "same choice picked: 100%" in res.stdout and "targets" in res.stdout
+
+
+@pytest.mark.parametrize("memory", [
+    False, pytest.param(True, marks=pytest.mark.slow)])  # two more fresh processes (torch + megatron imports)
+def test_packing_bench_smoke(tmp_path, memory):
+    """bench/packing.py on a 2-layer model: the three configurations and their padding; with
+    the peak-memory comparison, each configuration's step in its own process."""
+    out = tmp_path / "packing.json"
+    res = subprocess.run([sys.executable, "bench/packing.py", "--tiny", "--rounds", "1", "--json", str(out)]
+                         + ([] if memory else ["--no-memory"]), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["configs"]) == {"unpacked", "unpacked, PP", "packed"}
+    pad = {k: v["padding"] for k, v in r["configs"].items()}
+    assert pad["packed"] < pad["unpacked"] <= pad["unpacked, PP"]
+    assert "targets" in res.stdout
+    if memory:
+        assert set(r["peak_gb"]) == {"unpacked", "packed"} and all(v > 0 for v in r["peak_gb"].values())

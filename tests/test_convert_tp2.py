@@ -36,6 +36,7 @@ from helpers import ALL_TARGETS, perturb, preset, run_torchrun, targets_override
 
 from tiedlora.checkpoint import save_adapter  # noqa: E402
 from tiedlora.convert import load_base_checkpoint, model_config_from_checkpoint, read_source  # noqa: E402
+from tiedlora.generate import greedy_generate  # noqa: E402
 from tiedlora.merge import merge_checkpoint  # noqa: E402
 from tiedlora.config import ParallelConfig  # noqa: E402
 from tiedlora.models.gpt import build_gpt_model  # noqa: E402
@@ -50,6 +51,8 @@ pytestmark = pytest.mark.numerics  # tests/numerics.py; run under other CPU kern
 RANK = 8  # the tl6 preset's rank
 MERGED_WEIGHT_TERMS = RANK + 5
 VOCAB = 120  # SentencePiece pieces of the .nemo tokenizer (the HF models have 200 ids)
+PROMPT_LENGTHS = (5, 24, 11, 17)  # mixed-length prompts decoded in one batch at TP=2
+NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,8 @@ def runs(tmp_path_factory, mp1):
     refs["nemo_swiglu_gqa"] = nemo_reference_logits(sd_g, ycfg_g, ids)[..., :VOCAB]
 
     # adapters trained "at TP=1": perturbed tl6 on all four targets (fc1 has stride 2)
-    merges, adapted, merged_tp1 = {}, {}, {}
+    merges, adapted, merged_tp1, alone = {}, {}, {}, {}
+    prompts = [ids[0, :n].tolist() for n in PROMPT_LENGTHS]
     for job, ckpt in (("hf_gqa", logits["hf_gqa"]), ("nemo_gpt2b", logits["nemo_gpt2b"])):
         cfg = model_config_from_checkpoint(ckpt)
         peft_cfg = preset("tl6", target_modules=targets_override(ALL_TARGETS), alpha=16)
@@ -91,6 +95,8 @@ def runs(tmp_path_factory, mp1):
         apply_peft(model, peft_cfg)
         perturb(model, seed=13)
         adapted[job] = megatron_logits(model, ids, cfg.vocab_size)
+        alone[job] = [greedy_generate(model, [p], NEW_TOKENS, eos_id=-1, vocab_size=cfg.vocab_size)[0]
+                      for p in prompts]
         adapter = save_adapter(d / f"{job}.safetensors", adapter_state_dict(model), peft_cfg,
                                dataclasses.asdict(cfg))
         suffix = ".nemo" if job.startswith("nemo") else ""
@@ -99,9 +105,11 @@ def runs(tmp_path_factory, mp1):
                        "out_tp2": str(d / f"{job}_merged_tp2{suffix}"),
                        "out_pp2": str(d / f"{job}_merged_pp2{suffix}")}
     manifest = d / "manifest.json"
-    manifest.write_text(json.dumps({"ids": ids.tolist(), "logits": logits, "merges": merges}))
+    manifest.write_text(json.dumps({"ids": ids.tolist(), "logits": logits, "merges": merges,
+                                    "prompts": prompts, "new_tokens": NEW_TOKENS}))
     got = run_torchrun("convert_check.py", 2, d / "out.pt", str(manifest))
-    return dict(got=got, refs=refs, logits=logits, merges=merges, adapted=adapted, merged_tp1=merged_tp1)
+    return dict(got=got, refs=refs, logits=logits, merges=merges, adapted=adapted, merged_tp1=merged_tp1,
+                alone=alone)
 
 
 @pytest.mark.dist
@@ -141,6 +149,19 @@ def test_tp2_adapted_and_merged_logits(runs, job):
                                  seq=ref.shape[1], rank=RANK))
     assert_close(runs["got"][f"adapted/{job}"], ref, terms, f"{job} adapted TP=2 logits")
     assert_close(runs["got"][f"merged_inplace/{job}"], ref, terms, f"{job} merged TP=2 logits")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
+@pytest.mark.parametrize("job", ["hf_gqa", "nemo_gpt2b"])
+def test_tp2_mixed_length_batch_decodes_like_each_prompt_alone(runs, job, sp):
+    """Left-padded batch decoding at TP=2, with and without sequence parallelism (GQA LLaMA;
+    GPT-2B-001-style with half the head dimension rotated), gives each prompt the tokens it
+    gets alone at TP=1; sequence parallelism is back on afterwards."""
+    got, ref = runs["got"][f"generate{'_sp' if sp else ''}/{job}"], runs["alone"][job]
+    assert got == ref and all(len(t) == NEW_TOKENS for t in got)
+    if sp:
+        assert runs["got"][f"sp_after/{job}"] is True
 
 
 @pytest.mark.dist

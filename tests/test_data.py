@@ -296,11 +296,12 @@ def test_collate_shifts_pads_and_masks():
         {"input_ids": [9, 10], "loss_mask": [0, 1]},
     ]
     b = collate(examples, pad_id=0, pad_to_multiple_of=4)
-    assert set(b) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert set(b) == {"tokens", "labels", "loss_mask", "position_ids", "real_tokens"}
     assert b["tokens"].tolist() == [[5, 6, 7, 0], [9, 0, 0, 0]]
     assert b["labels"].tolist() == [[6, 7, 8, 0], [10, 0, 0, 0]]
     torch.testing.assert_close(b["loss_mask"], torch.tensor([[0.0, 1, 1, 0], [1, 0, 0, 0]]), rtol=0, atol=0)
     assert b["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
+    assert b["real_tokens"] == 3 + 1
     assert b["tokens"].dtype == b["labels"].dtype == torch.long and b["loss_mask"].dtype == torch.float32
     assert collate(examples, pad_id=0)["tokens"].shape == (2, 8)
     assert collate(examples, pad_id=0, pad_to_multiple_of=None)["tokens"].shape == (2, 3)

@@ -94,9 +94,11 @@ def test_loss_decreases_over_30_steps(env):
         assert last < 0.5 * first, (name, first, last)
 
 
-def test_kill_and_resume_is_bit_exact(env):
-    common = ["peft=tl6", "trainer.max_steps=12", "checkpoint.every_n_steps=4", *FAST]
-    ref_dir, run_dir = env["dir"] / "uninterrupted", env["dir"] / "killed"
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_kill_and_resume_is_bit_exact(env, packing):
+    common = ["peft=tl6", "trainer.max_steps=12", "checkpoint.every_n_steps=4", *FAST,
+              f"data.packing={str(packing).lower()}"]
+    ref_dir, run_dir = env["dir"] / f"uninterrupted_{packing}", env["dir"] / f"killed_{packing}"
     finetune(env, *common, f"output_dir={ref_dir}")
     cmd = [sys.executable, "-m", "tiedlora.finetune", *base_args(env), *common, f"output_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,6 +125,11 @@ def test_kill_and_resume_is_bit_exact(env):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_0000008", "step_0000012"]  # keep_last=2
+    # every step and the run report their padding and useful-token throughput
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["padding_fraction"] < 1 and r["tokens_per_s"] > 0 for r in records)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0 <= results["padding_fraction"] < 1 and results["tokens_per_s"] > 0
 
 
 def test_preemption_signal_checkpoints_and_exits_for_requeue(env):

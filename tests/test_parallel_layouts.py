@@ -20,18 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 import parallel_train as pt  # noqa: E402
 from helpers import TEST_THREADS, run_torchrun  # noqa: E402
-from numerics import Comparisons, Net, assert_close, gradient_terms, loss_terms  # noqa: E402
+from numerics import Net, assert_close, loss_terms  # noqa: E402
 
 from tiedlora import compat  # noqa: E402
-from tiedlora.convert.layout import gather_full  # noqa: E402
-from tiedlora.dist import init_distributed, set_seed  # noqa: E402
+from tiedlora.dist import init_distributed  # noqa: E402
 from tiedlora.config import ParallelConfig  # noqa: E402
-from tiedlora.models.gpt import build_model_chunks, transformer_config  # noqa: E402
+from tiedlora.models.gpt import transformer_config  # noqa: E402
 from tiedlora.peft import load_adapter_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # tests/numerics.py; run under other CPU kernels by .ci/numerics-tests
@@ -45,54 +43,13 @@ XLOAD = ["pp2->tp2_sp", "tp2_sp->pp2", "pp2_vpp2->dp2", "dp2->pp2_vpp2"]
 # the s earlier steps (through the parameters), so their K grows by one gradient per step.
 NET = Net.of(pt.model_cfg(), seq=pt.SEQ, rank=8)  # the presets' rank
 TOKENS = pt.NUM_MICRO * pt.MICRO_BATCH * pt.SEQ  # tokens per optimizer step (masks drop some)
-GRAD = gradient_terms(NET, TOKENS)
-
-
-def _check_run(got: dict, ref: dict, where: str) -> None:
-    """Every number of a training run vs the reference, within its rounding bound."""
-    c = Comparisons()
-    for step, (g, r) in enumerate(zip(got["losses"], ref["losses"])):
-        c.close(torch.tensor(g), torch.tensor(r), loss_terms(NET, TOKENS) + step * GRAD,
-                f"{where} step {step} loss")
-    for step, (g, r) in enumerate(zip(got["grad_norms"], ref["grad_norms"])):  # + the squares summed
-        c.close(torch.tensor(g), torch.tensor(r), (step + 1) * GRAD + ref["trainable_numel"],
-                f"{where} step {step} grad norm")
-    for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
-        assert list(g) == list(r)
-        for k, t in r.items():
-            c.close(g[k], t, (step + 1) * GRAD, f"{where} step {step} grad {k}")
-    trainable = ref["grads"][0]
-    for k, t in ref["final"].items():
-        if k not in trainable:  # frozen: never touched
-            assert torch.equal(got["final"][k], t) and torch.equal(t, ref["init"][k]), f"{where} frozen {k}"
-            continue
-        # AdamW is elementwise: the update inherits the gradients' relative error, in norm
-        c.close(got["final"][k] - got["init"][k], t - ref["init"][k], pt.STEPS * GRAD,
-                f"{where} {pt.STEPS}-step update {k}", scale="norm")
-    assert sorted(got["train_state"]) == sorted(ref["train_state"])
-    for k, t in ref["train_state"].items():
-        if k == "optim.step":
-            assert torch.equal(got["train_state"][k], t)
-            continue
-        squared = 2 if k.startswith("optim.exp_avg_sq.") else 1  # a square doubles the relative error
-        c.close(got["train_state"][k], t, squared * pt.STEPS * GRAD, f"{where} optimizer {k}",
-                     scale="norm")
-    c.check()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mp1):
     d = tmp_path_factory.mktemp("layouts")
-    init_distributed(ParallelConfig(), seed=pt.SEED)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TEST_THREADS)  # as the workers
-    try:
-        set_seed(pt.SEED)
-        base = gather_full(build_model_chunks(pt.model_cfg(), ParallelConfig()))
-        save_file({k: v.contiguous() for k, v in base.items()}, str(d / "base.safetensors"))
-        ref = {name: pt.train(ParallelConfig(), name, base)[0] for name in pt.PRESETS}
-    finally:
-        torch.set_num_threads(threads)
+    base, ref = pt.single_process(d, TEST_THREADS, {"ref": None})
+    ref = ref["ref"]
     got = run_torchrun("parallel_check.py", 2, d / "out.pt", str(d / "base.safetensors"), str(d),
                        timeout=600)
     return {"ref": ref, "got": got, "base": base}
@@ -113,7 +70,7 @@ def test_layout_matches_single_process(runs, layout, name):
     for k in trainable:  # the comparison has teeth: every factor is trained
         assert any(r[k].abs().sum() > 0 for r in ref["grads"]), f"{k}: never a gradient"
         assert not torch.equal(ref["final"][k], ref["init"][k]), f"{k}: never moved"
-    _check_run(got, ref, where)
+    pt.compare_runs(got, ref, where, NET, TOKENS)
 
 
 @pytest.mark.dist

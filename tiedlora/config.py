@@ -10,7 +10,8 @@ and nowhere else::
     ├── peft: PeftConfig           conf/peft/*.yaml   (FactorConfig for A, B, u, v)
     ├── task: TaskConfig           conf/task/*.yaml
     ├── trainer: TrainerConfig  ├── optim: OptimConfig  ├── parallel: ParallelConfig
-    └── checkpoint: CheckpointConfig  └── eval: EvalConfig
+    ├── checkpoint: CheckpointConfig  ├── eval: EvalConfig
+    └── data: DataConfig
     ParamsConfig (conf/params.yaml): model + peft
 
 This module imports no model code (torch or megatron-core), so it sits below every
@@ -28,6 +29,7 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from tiedlora.data.packing import PACK_ALGORITHMS
 from tiedlora.data.sft import PromptTemplate
 from tiedlora.errors import preempt_exit_code_problem
 
@@ -499,6 +501,26 @@ class TrainerConfig:
 
 
 @dataclass
+class DataConfig:
+    """How training examples become micro-batches (tiedlora.data.sft, tiedlora.data.packing)."""
+
+    packing: bool = False  # pack whole examples into pack_length-token micro-batches (off until measured)
+    pack_length: Optional[int] = None  # tokens per pack; None: min(task.max_length, model.seq_length)
+    pack_algorithm: str = "first_fit_shuffle"  # first_fit_shuffle | first_fit_decreasing
+
+    def __post_init__(self):
+        if self.pack_algorithm not in PACK_ALGORITHMS:
+            raise ValueError(f"data.pack_algorithm={self.pack_algorithm!r}: expected one of {list(PACK_ALGORITHMS)}")
+        if self.pack_length is not None and (isinstance(self.pack_length, bool) or self.pack_length < 2):
+            raise ValueError(f"data.pack_length={self.pack_length!r}: must be an integer >= 2 (or null)")
+
+    def resolved_pack_length(self, task: "TaskConfig", model: "ModelConfig") -> int:
+        """``pack_length``, or the longest example the task keeps (its max_length, at most
+        the model's sequence length)."""
+        return self.pack_length or min(task.max_length, model.seq_length)
+
+
+@dataclass
 class CheckpointConfig:
     every_n_steps: int = 100  # 0: only at the end (and on a preemption signal)
     keep_last: int = 2  # checkpoints kept (older ones deleted after a new one is complete)
@@ -510,7 +532,7 @@ class EvalConfig:
     before: bool = True  # score the un-adapted base first (ΔW = 0 at step 0)
     after: bool = True  # score the trained adapter at the end
     limit: int = 0  # examples to score (0: the whole split)
-    batch_size: int = 16  # prompts decoded together
+    batch_size: int = 16  # prompts decoded together; choices scored together (whole questions)
     use_best: bool = True  # evaluate the adapter with the best validation loss
 
 
@@ -524,6 +546,7 @@ class FinetuneConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     output_dir: str = "outputs/run"
     adapter: Optional[str] = None  # evaluate only: adapter file (default: <output_dir>/adapter.safetensors)
 
@@ -533,6 +556,14 @@ class FinetuneConfig:
             raise ValueError(
                 f"task.max_length={self.task.max_length} is longer than model.sliding_window={window}: "
                 f"sliding-window attention is not implemented; set task.max_length <= {window}")
+        if self.data.packing:
+            if self.model.attention_backend == "local":
+                raise ValueError("data.packing=true with model.attention_backend='local': megatron's local core "
+                                 "cannot attend within packed examples; use attention_backend=sdpa (or te)")
+            length = self.data.resolved_pack_length(self.task, self.model)
+            if self.parallel.sp and length % self.parallel.tp:
+                raise ValueError(f"data.pack_length={length}: sequence parallelism splits each pack over "
+                                 f"parallel.tp={self.parallel.tp} ranks; use a multiple of {self.parallel.tp}")
 
 
 
@@ -602,7 +633,7 @@ def compose(config_name: str, overrides: Optional[List[str]] = None) -> DictConf
         return hcompose(config_name=config_name, overrides=overrides or [])
 
 
-__all__ = ["CONF_DIR", "CheckpointConfig", "EvalConfig", "FACTORS", "FactorConfig", "FinetuneConfig",
+__all__ = ["CONF_DIR", "CheckpointConfig", "DataConfig", "EvalConfig", "FACTORS", "FactorConfig", "FinetuneConfig",
            "ModelConfig", "OptimConfig", "TARGETS",
            "ParallelConfig", "ParamsConfig", "PeftConfig", "TaskConfig", "TrainerConfig", "cache_root",
            "compose", "register_configs", "to_object"]

@@ -34,7 +34,7 @@ from tiedlora.config import EvalConfig, FinetuneConfig, ModelConfig, TaskConfig
 from tiedlora.data.sft import PromptTemplate
 from tiedlora.dist import ProcessGroups, detect_env, init_distributed, is_rank0, process_groups, shutdown
 from tiedlora.files import atomic_write_text, to_json, warn_if_run_dir_held
-from tiedlora.generate import continuation_logprobs, greedy_generate
+from tiedlora.generate import choice_logprobs, greedy_generate
 from tiedlora.metrics import compute_metrics
 from tiedlora.tasks import read_task_data
 
@@ -62,25 +62,22 @@ def evaluate_task(model, tokenizer, task: TaskConfig, records: List[dict], vocab
         budget = task.max_length - task.max_new_tokens
         return ids[-budget:] if budget > 0 else ids
 
-    it = mine
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(mine, desc=f"eval {task.name}", leave=False, dynamic_ncols=True)
+    desc = f"eval {task.name}" if progress else None
     if task.kind == "multiple_choice":
-        for i in it:
+        questions = []
+        for i in mine:
             rec = records[i]
-            p = prompt_ids(rec)
-            conts = [tokenizer.encode(template.split(rec["input"], c)[1]) or [tokenizer.eos_id]
-                     for c in rec["choices"]]
-            lp = continuation_logprobs(model, p, conts, vocab_size)
+            questions.append((prompt_ids(rec), [tokenizer.encode(template.split(rec["input"], c)[1])
+                                                or [tokenizer.eos_id] for c in rec["choices"]]))
+        scores = choice_logprobs(model, questions, vocab_size, batch_size=batch_size, progress=desc)
+        for i, (_, conts), lp in zip(mine, questions, scores):
             norm = [s / len(c) for s, c in zip(lp, conts)]
             best = max(range(len(norm)), key=norm.__getitem__)
-            preds[i] = {"prediction": rec["choices"][best], "pred_label": best, "scores": norm}
+            preds[i] = {"prediction": records[i]["choices"][best], "pred_label": best, "scores": norm}
     else:
         prompts = [prompt_ids(records[i]) for i in mine]
         outs = greedy_generate(model, prompts, task.max_new_tokens, tokenizer.eos_id, vocab_size,
-                               batch_size=batch_size)
+                               batch_size=batch_size, progress=desc)
         for i, out in zip(mine, outs):
             preds[i] = {"prediction": tokenizer.decode(out).strip()}
     if size > 1:

@@ -72,7 +72,7 @@ from tiedlora.peft import adapter_state_dict, finalize_adapter_grads, load_adapt
 from tiedlora.peft.model import trainable_params
 from tiedlora.tasks import read_task_data
 from tiedlora.training import (PreemptionFlag, build_optimizer, clip_adapter_grads, finite_or_none, forward_backward,
-                               global_tokens, lr_at, nonfinite_cause, reduce_loss, sync_tied_copies,
+                               global_tokens, lr_at, nonfinite_cause, reduce_loss, step_token_counts, sync_tied_copies,
                                truncate_metrics, write_jsonl_line)
 
 
@@ -105,7 +105,8 @@ class Run:
     # stops after the same skipped step as an uninterrupted one would
     state: dict = field(default_factory=lambda: {
         "step": 0, "best_val": None, "bad_checks": 0, "best_step": None, "metrics_before": None,
-        "train_time": 0.0, "tokens": 0, "stopped_early": False, "skipped_steps": 0, "skipped_in_a_row": 0})
+        "train_time": 0.0, "tokens": 0, "computed_tokens": 0, "stopped_early": False, "skipped_steps": 0,
+        "skipped_in_a_row": 0})
 
     @property
     def metrics_path(self) -> Path:
@@ -140,6 +141,7 @@ def setup(cfg: FinetuneConfig, lock: Optional[RunLock] = None, lock_refused: Opt
     """Data first (no process group needed), then the process group, model, optimizer,
     and the latest checkpoint of ``cfg.output_dir`` when there is one. ``lock`` /
     ``lock_refused``: :func:`lock_output_dir`'s answer (rank 0's; every rank raises the refusal)."""
+    from tiedlora.data.packing import check_fits, pack_micro_batches
     from tiedlora.data.sft import MicroBatchSampler, SFTDataset, collate
 
     t_start = time.time()
@@ -170,9 +172,17 @@ def setup(cfg: FinetuneConfig, lock: Optional[RunLock] = None, lock_refused: Opt
     sampler = MicroBatchSampler(len(train_ds), cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size,
                                 groups.rank(groups.dp), groups.size(groups.dp), cfg.trainer.seed)
     pad_mult = 8 * cfg.parallel.tp if cfg.parallel.sp else 8
+    pack_length = cfg.data.resolved_pack_length(cfg.task, cfg.model)
+    if cfg.data.packing:
+        check_fits(train_ds, pack_length)
+        check_fits(val_ds, pack_length)
     fixed_shape = cfg.parallel.pp > 1  # pipeline p2p needs one shape for all micro-batches
 
     def batches_of(ds, index_lists):
+        if cfg.data.packing:  # the same examples, whole, in packs of pack_length tokens
+            indices = [i for il in index_lists for i in il]
+            return pack_micro_batches(ds, indices, tokenizer.pad_id, pack_length, cfg.data.pack_algorithm,
+                                      cfg.trainer.seed)
         length = None
         if fixed_shape:
             longest = max(len(ds[i]["input_ids"]) - 1 for il in index_lists for i in il)
@@ -250,7 +260,7 @@ def train(run: Run) -> float:
     from tqdm import tqdm
 
     cfg, state, chunks, groups = run.cfg, run.state, run.chunks, run.groups
-    rank0, dp = is_rank0(), groups.size(groups.dp)
+    rank0 = is_rank0()
 
     # metric before training (the adapted model at step 0 is the base: ΔW = 0)
     if cfg.eval.before and state["metrics_before"] is None:
@@ -302,11 +312,12 @@ def train(run: Run) -> float:
             state["skipped_steps"] += 1
             state["skipped_in_a_row"] += 1
         step += 1
-        seen = sum(int((b["tokens"] != run.tokenizer.pad_id).sum()) for b in micro) * dp
+        seen, computed = step_token_counts(micro, groups)  # prompt + answer tokens; with padding
         dt = time.time() - t0
         state["tokens"] += seen
+        state["computed_tokens"] += computed
         record = {"step": step, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
-                  "tokens_per_s": seen / dt, "step_time_s": dt}
+                  "tokens_per_s": seen / dt, "padding_fraction": 1 - seen / computed, "step_time_s": dt}
         if nonfinite:
             record.update(skipped=nonfinite, skipped_steps=state["skipped_steps"])
         failed.clear()
@@ -347,8 +358,8 @@ def train(run: Run) -> float:
                 extra = f" val_loss={val:.4f}" if "val_loss" in record else ""
                 elapsed = time.time() - t_loop
                 eta = elapsed / max(1, step - first_step) * (max_steps - step)
-                print(f"step {step}/{max_steps} loss={loss:.4f} lr={lr:.2e} tok/s={seen / dt:,.0f}"
-                      f"{extra}{skipped} eta={eta:.0f}s", flush=True)
+                print(f"step {step}/{max_steps} loss={loss:.4f} lr={lr:.2e} tok/s={seen / dt:,.0f} "
+                      f"pad={record['padding_fraction']:.0%}{extra}{skipped} eta={eta:.0f}s", flush=True)
 
         stop, write_failed = run.preempt.agreed(write_failed=bool(failed))
         if write_failed:
@@ -421,6 +432,7 @@ def _results_common(run: Run) -> dict:
         "stopped_early": state["stopped_early"], "output_dir": str(run.out), "run": run.identity,
         "train_time_s": round(state["train_time"], 1),
         "tokens_per_s": round(state["tokens"] / max(state["train_time"], 1e-9), 1),
+        "padding_fraction": round(1 - state["tokens"] / max(state["computed_tokens"], 1), 4),
         "wall_time_s": round(time.time() - run.t_start, 1),
         "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": groups.size(groups.dp),
                    "sp": cfg.parallel.sp},

@@ -1,24 +1,57 @@
 """Greedy generation (with megatron-core's key/value cache) and log-likelihood scoring.
 
-Both run on one pipeline stage (PP=1) at any TP size: logits are gathered over the
+Both run on one pipeline stage (PP=1) at any TP size, with or without sequence parallelism
+(switched off while they run: a decode step has one token): logits are gathered over the
 tensor-parallel group (``runtime_gather_output``), so every TP rank computes the same
-tokens. Prompts of equal length are batched together (megatron's static KV cache keeps
-one sequence offset per batch, and equal lengths need no padding mask).
+tokens.
+
+Greedy decoding of prompts of any lengths (:func:`greedy_generate`)::
+
+    prompts ─► sorted by length, longest first ─► batches of ``batch_size``
+    batch (left-padded to its longest prompt, pad[i] = longest - len(prompt i)):
+        row 0   p p p a b c d          positions   0 0 0 0 1 2 3
+        row 1   e f g h i j k                      0 1 2 3 4 5 6
+    prefill: one forward pass over the batch, mask = left_padding_mask(pad, s, s)
+    step t:  the new token of every row, mask = left_padding_mask(pad, 1, s + t), the KV cache
+
+A row's rotary positions start at its first real token (megatron's rotary table is
+replaced, for the batch, by one row per sequence: :class:`_RowRotary`) and its padding
+keys are masked (:func:`tiedlora.models.attention.left_padding_mask`), so each prompt
+attends and rotates as it would alone. A row that has produced EOS keeps being fed (its
+tokens are dropped) until every row has, or ``max_new_tokens`` are reached.
+
+Multiple-choice scoring (:func:`choice_logprobs`): questions sorted by prompt length,
+several per batch (at most ``batch_size`` choices). The prompts of a batch run once, left
+padded as above, and fill the KV cache; the cache of each question is copied once per
+choice, and every choice of the batch runs in one right-padded pass over its question's
+cache, rotated and masked as the decode steps are. Only the positions that predict a choice
+token reach the output layer. A prompt is computed once instead of once per choice, and
+the scores equal one question per forward pass (:func:`continuation_logprobs`, the
+reference) within fp32 rounding.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Dict, List, Sequence
+from contextlib import contextmanager
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from tiedlora import compat
+from tiedlora.models.attention import left_padding_mask, mask_honouring_cores
+
+PAD_ID = 0  # the id left padding uses: any id of the vocabulary (padding keys are masked)
 
 
 def _positions(b: int, start: int, n: int, device) -> torch.Tensor:
     return torch.arange(start, start + n, device=device).unsqueeze(0).expand(b, -1)
+
+
+def _row_positions(pad: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Position ids [b, count] of tokens start..start+count-1 of left-padded rows, counted
+    from each row's first real token (0 on padding)."""
+    return (_positions(len(pad), start, count, pad.device) - pad.unsqueeze(1)).clamp(min=0)
 
 
 def _check_single_stage():
@@ -30,67 +63,300 @@ def _check_single_stage():
             "are layout-independent, so evaluate with: python -m tiedlora.evaluate ... parallel.pp=1")
 
 
+class _RowRotary(torch.nn.Module):
+    """megatron's rotary table [S, 1, 1, d] (one row per position, the same for every
+    sequence) as a table [S, b, 1, d] whose row t of sequence i is position t - pad[i].
+
+    The values are rows of the original table, so a padded sequence gets bit for bit the
+    rotations it gets alone. megatron slices the table along its first dimension (the KV
+    cache's offsets) and broadcasts it over the batch, so a per-sequence table fits.
+    """
+
+    def __init__(self, inner: torch.nn.Module, pad: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.pad = pad
+        self._cache: dict = {}
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        key = (max_seq_len, offset)
+        if key not in self._cache:
+            emb = self.inner(max_seq_len, offset, packed_seq, cp_group)  # [S, 1, 1, d]
+            idx = (torch.arange(emb.size(0), device=emb.device).unsqueeze(1)
+                   - self.pad.to(emb.device).unsqueeze(0)).clamp_(min=0)  # [S, b]
+            self._cache[key] = emb[:, 0, 0][idx].unsqueeze(2)  # [S, b, 1, d]
+        return self._cache[key]
+
+    def get_rotary_seq_len(self, *args, **kwargs) -> int:
+        return self.inner.get_rotary_seq_len(*args, **kwargs)
+
+
+def _batches(n: int, batch_size: int, progress: Optional[str]):
+    """Start indices of the batches; a progress bar over them when ``progress`` names one."""
+    starts = range(0, n, batch_size)
+    if progress is None:
+        return starts
+    from tqdm import tqdm
+
+    return tqdm(starts, desc=progress, leave=False, dynamic_ncols=True)
+
+
+@contextmanager
+def _keys_rotated_once(model):
+    """Within the block, megatron's static KV cache holds *rotated* keys.
+
+    megatron caches keys before the rotary embedding and rotates the whole cache again at
+    every decode step ([s, b, groups, hn] of multiplies per layer and token, most of a CPU
+    decode step's non-matmul time). Here each new key is rotated once, at its own positions,
+    with megatron's own ``apply_rotary_pos_emb`` and table, before it is cached, and the
+    key rotation megatron would apply is dropped -- as megatron's dynamic-batching engine
+    does. Rotation is elementwise per position, so the attention sees the same values.
+    """
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.attention import Attention
+
+    def wrap(attn):
+        adjust = attn._adjust_key_value_for_inference
+
+        def rotated(ctx, query, key, value, rotary_pos_emb, *args, **kwargs):
+            if ctx is None or rotary_pos_emb is None or not ctx.is_static_batching():
+                return adjust(ctx, query, key, value, rotary_pos_emb, *args, **kwargs)
+            start = ctx.sequence_len_offset
+            key = apply_rotary_pos_emb(key, rotary_pos_emb[1][start:start + key.size(0)], config=attn.config,
+                                       cp_group=attn.pg_collection.cp)
+            query, key, value, rotary, mask_type, table = adjust(ctx, query, key, value, rotary_pos_emb,
+                                                                 *args, **kwargs)
+            return query, key, value, (rotary[0], None), mask_type, table
+
+        return rotated
+
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    try:
+        for attn in attentions:
+            attn._adjust_key_value_for_inference = wrap(attn)
+        yield
+    finally:
+        for attn in attentions:
+            attn.__dict__.pop("_adjust_key_value_for_inference", None)
+
+
+@contextmanager
+def _without_sequence_parallel(model):
+    """Within the block, ``model`` runs without sequence parallelism (the same weights and
+    tensor-parallel sharding; activations whole on every TP rank). Sequence parallelism
+    splits a pass's tokens over the TP ranks, which a decode step of one token cannot."""
+    flags, configs = [], {}
+    for m in model.modules():
+        for attr in ("sequence_parallel", "reduce_scatter_embeddings"):  # set at construction
+            if getattr(m, attr, None) is True:
+                flags.append((m, attr))
+        config = getattr(m, "config", None)
+        if getattr(config, "sequence_parallel", False):
+            configs[id(config)] = config  # read at run time; shared by most modules
+    try:
+        for m, attr in flags:
+            setattr(m, attr, False)
+        for config in configs.values():
+            config.sequence_parallel = False
+        yield
+    finally:
+        for m, attr in flags:
+            setattr(m, attr, True)
+        for config in configs.values():
+            config.sequence_parallel = True
+
+
+@contextmanager
+def _left_padded(model, pad: torch.Tensor):
+    """Within the block, ``model`` rotates row i from its first real token (pad[i])."""
+    inner = getattr(model, "rotary_pos_emb", None) if model.position_embedding_type == "rope" else None
+    if inner is None:  # learned absolute positions: the position ids carry it
+        yield
+        return
+    model.rotary_pos_emb = _RowRotary(inner, pad)
+    try:
+        yield
+    finally:
+        model.rotary_pos_emb = inner
+
+
 @torch.no_grad()
-def _greedy_batch(model, prompts: torch.Tensor, max_new_tokens: int, eos_id: int,
+def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
                   vocab_size: int, use_cache: bool) -> List[List[int]]:
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    b, n = prompts.shape
-    dev = prompts.device
+    dev = compat.default_device()
+    b, n = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([n - len(p) for p in prompts], device=dev)
+    seq = torch.full((b, n), PAD_ID, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        seq[i, n - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=dev)
+
+    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    out = [[] for _ in range(b)]
-    ctx = StaticInferenceContext(b, n + max_new_tokens) if use_cache else None
-    seq = prompts
-    logits = model(prompts, _positions(b, 0, n, dev), None, inference_context=ctx,
-                   runtime_gather_output=True)
-    for step in range(max_new_tokens):
-        nxt = logits[:, -1, :vocab_size].argmax(-1)
-        for i in range(b):
-            if not done[i]:
-                if nxt[i].item() == eos_id:
-                    done[i] = True
-                else:
-                    out[i].append(int(nxt[i]))
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-        if use_cache:
-            ctx.sequence_len_offset = seq.shape[1] - 1
-            logits = model(nxt.unsqueeze(1), _positions(b, seq.shape[1] - 1, 1, dev), None,
-                           inference_context=ctx, runtime_gather_output=True)
-        else:
-            logits = model(seq, _positions(b, 0, seq.shape[1], dev), None,
-                           runtime_gather_output=True)
-    return out
+    steps = 0
+    with _left_padded(model, pad):
+        ctx = StaticInferenceContext(b, n + max_new_tokens) if use_cache else None
+        logits = model(seq, _row_positions(pad, 0, n), left_padding_mask(pad, n, n), inference_context=ctx,
+                       runtime_gather_output=True)
+        for step in range(max_new_tokens):
+            nxt = logits[:, -1, :vocab_size].argmax(-1)
+            out[:, step] = nxt
+            done |= nxt == eos_id
+            steps = step + 1
+            if steps == max_new_tokens or bool(done.all()):
+                break
+            total = n + steps  # tokens per row once nxt is appended
+            if use_cache:
+                ctx.sequence_len_offset = total - 1
+                logits = model(nxt.unsqueeze(1), _row_positions(pad, total - 1, 1), left_padding_mask(pad, 1, total),
+                               inference_context=ctx, runtime_gather_output=True)
+            else:
+                seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+                logits = model(seq, _row_positions(pad, 0, total), left_padding_mask(pad, total, total),
+                               runtime_gather_output=True)
+    results = []
+    for row in out[:, :steps].tolist():
+        results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return results
 
 
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
-                    vocab_size: int, batch_size: int = 16, use_cache: bool = True) -> List[List[int]]:
-    """Greedy continuation of each prompt (EOS and anything after it removed)."""
+                    vocab_size: int, batch_size: int = 16, use_cache: bool = True,
+                    progress: Optional[str] = None) -> List[List[int]]:
+    """Greedy continuation of each prompt (EOS and anything after it removed), decoded in
+    batches of ``batch_size`` prompts of similar length (module docstring). ``progress``:
+    a description for a progress bar over the batches (None: no bar)."""
     _check_single_stage()
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate: an empty prompt (nothing to continue from)")
     was_training = model.training
     model.eval()
-    dev = compat.default_device()
-    by_len: Dict[int, List[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_len[len(p)].append(i)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: List[List[int]] = [[] for _ in prompts]
-    for length in sorted(by_len):
-        idx = by_len[length]
-        for k in range(0, len(idx), batch_size):
-            chunk = idx[k:k + batch_size]
-            x = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=dev)
-            for i, toks in zip(chunk, _greedy_batch(model, x, max_new_tokens, eos_id, vocab_size, use_cache)):
-                results[i] = toks
-    model.train(was_training)
+    try:
+        with mask_honouring_cores(model), _without_sequence_parallel(model), _keys_rotated_once(model):
+            for k in _batches(len(order), batch_size, progress):
+                chunk = order[k:k + batch_size]
+                outs = _greedy_batch(model, [prompts[i] for i in chunk], max_new_tokens, eos_id, vocab_size,
+                                     use_cache)
+                for i, toks in zip(chunk, outs):
+                    results[i] = toks
+    finally:
+        model.train(was_training)
     return results
+
+
+@contextmanager
+def _logits_at(model, rows: torch.Tensor, cols: torch.Tensor):
+    """Within the block, the output layer sees only the hidden states of (row, position)
+    pairs ``rows``, ``cols``: the model returns logits [1, n, vocab] for those n positions
+    (scoring needs a few positions of each sequence, not [b, s, vocab])."""
+
+    def select(module, args, kwargs):
+        hidden = args[0]  # [s, b, h]
+        return (hidden[cols, rows].unsqueeze(1),) + tuple(args[1:]), kwargs
+
+    handle = model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _score_questions(model, questions, vocab_size: int) -> List[List[float]]:
+    """Summed log-probabilities of every choice of a few questions: their prompts in one
+    left-padded pass that fills the KV cache, then every choice in one right-padded pass
+    over its own question's cache (module docstring)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    dev = compat.default_device()
+    prompts = [list(p) for p, _ in questions]
+    conts = [list(c) for _, cs in questions for c in cs]
+    owner = torch.tensor([q for q, (_, cs) in enumerate(questions) for _ in cs], device=dev)
+    n_p, n_c = max(len(p) for p in prompts), max(len(c) for c in conts)
+    pad = torch.tensor([n_p - len(p) for p in prompts], device=dev)
+    x = torch.full((len(prompts), n_p), PAD_ID, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        x[i, n_p - len(p):] = torch.as_tensor(p, dtype=torch.long, device=dev)
+    ctx = StaticInferenceContext(len(prompts), n_p + n_c)
+    with _left_padded(model, pad):  # the prompts; the last position predicts each choice's first token
+        first = model(x, _row_positions(pad, 0, n_p), left_padding_mask(pad, n_p, n_p), inference_context=ctx,
+                      runtime_gather_output=True)[:, -1, :vocab_size]
+    targets = torch.tensor([c[0] for c in conts], device=dev)
+    scores = F.log_softmax(first.float(), dim=-1)[owner].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # positions j = 0 .. len(c) - 2 of a choice predict its token j + 1
+    rows = torch.tensor([r for r, c in enumerate(conts) for _ in c[1:]], dtype=torch.long, device=dev)
+    if len(rows):
+        cols = torch.tensor([j for c in conts for j in range(len(c) - 1)], dtype=torch.long, device=dev)
+        nxt = torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long, device=dev)
+        for layer, (k, v) in ctx.key_value_memory_dict.items():  # one copy of its prompt's cache per choice
+            ctx.key_value_memory_dict[layer] = (k.index_select(1, owner), v.index_select(1, owner))
+        ctx.max_batch_size, ctx.sequence_len_offset = len(conts), n_p
+        ctx.materialize_only_last_token_logits = False
+        y = torch.full((len(conts), n_c), PAD_ID, dtype=torch.long, device=dev)
+        for i, c in enumerate(conts):
+            y[i, :len(c)] = torch.as_tensor(c, dtype=torch.long, device=dev)
+        rpad = pad[owner]
+        with _left_padded(model, rpad), _logits_at(model, rows, cols):
+            logits = model(y, _row_positions(rpad, n_p, n_c), left_padding_mask(rpad, n_c, n_p + n_c),
+                           inference_context=ctx, runtime_gather_output=True)[0, :, :vocab_size]
+        picked = F.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        scores = scores.index_add(0, rows, picked)
+    flat = scores.tolist()
+    out, at = [], 0
+    for _, cs in questions:
+        out.append(flat[at:at + len(cs)])
+        at += len(cs)
+    return out
+
+
+@torch.no_grad()
+def choice_logprobs(model, questions: Sequence[Tuple[Sequence[int], Sequence[Sequence[int]]]],
+                    vocab_size: int, batch_size: int = 16, progress: Optional[str] = None) -> List[List[float]]:
+    """For each ``(prompt, continuations)``, the summed log-probability of every
+    continuation given the prompt. Questions are sorted by prompt length and scored
+    several at a time, at most ``batch_size`` continuations per batch (module docstring)."""
+    _check_single_stage()
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    for qi, (prompt, conts) in enumerate(questions):
+        if not prompt:
+            raise ValueError(f"choice_logprobs: question {qi} has an empty prompt")
+        for ci, c in enumerate(conts):
+            if not c:
+                raise ValueError(f"choice_logprobs: question {qi}, choice {ci} has no tokens")
+    order = sorted(range(len(questions)), key=lambda q: -len(questions[q][0]))
+    batches, size = [[]], 0
+    for q in order:  # whole questions, at most batch_size continuations (one question may exceed it)
+        k = len(questions[q][1])
+        if batches[-1] and size + k > batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(q)
+        size += k
+    scores: List[List[float]] = [[] for _ in questions]
+    was_training = model.training
+    model.eval()
+    try:
+        with mask_honouring_cores(model), _without_sequence_parallel(model), _keys_rotated_once(model):
+            for k in _batches(len(batches) if order else 0, 1, progress):
+                qs = batches[k]
+                for q, s in zip(qs, _score_questions(model, [questions[q] for q in qs], vocab_size)):
+                    scores[q] = s
+    finally:
+        model.train(was_training)
+    return scores
 
 
 @torch.no_grad()
 def continuation_logprobs(model, prompt: Sequence[int], continuations: Sequence[Sequence[int]],
                           vocab_size: int) -> List[float]:
-    """Sum of log-probabilities of each continuation given the prompt (one batch)."""
+    """Sum of log-probabilities of each continuation given the prompt: one question, one
+    forward pass (the per-question reference of :func:`choice_logprobs`)."""
     _check_single_stage()
     was_training = model.training
     model.eval()

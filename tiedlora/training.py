@@ -10,6 +10,7 @@
 * :func:`reduce_loss`, :func:`global_tokens` — the step's loss and token count over replicas
 * :func:`nonfinite_cause` — whether the step's (already global) loss or gradient norm is
   NaN or infinite, i.e. whether its optimizer step must be skipped
+* :func:`step_token_counts` — the step's real and computed (padded) tokens over replicas
 * :class:`PreemptionFlag` — a signal asks for a checkpoint; all ranks agree at step end
   (in the same all-reduce: whether rank 0 failed to write this step's outputs)
 
@@ -33,6 +34,7 @@ from tiedlora import compat
 from tiedlora.config import OptimConfig
 from tiedlora.dist import ProcessGroups, process_groups
 from tiedlora.files import append_line, atomic_write_text, to_json
+from tiedlora.models.attention import packed_seq_params
 from tiedlora.peft.model import AdapterParam, iter_adapter_params, trainable_params
 
 
@@ -86,7 +88,10 @@ def _forward_step(data_iterator, model):
     tokens = batch["tokens"].to(dev)
     labels = batch["labels"].to(dev)
     mask = batch["loss_mask"].to(dev)
-    out = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
+    packed = None
+    if "cu_seqlens" in batch:  # a pack of whole examples (tiedlora.data.packing): thd attention
+        packed = packed_seq_params(batch["cu_seqlens"], batch["cu_seqlens_padded"], batch["max_seqlen"], dev)
+    out = model(tokens, batch["position_ids"].to(dev), None, labels=labels, packed_seq_params=packed)
     return out, partial(_loss_func, mask)
 
 
@@ -131,6 +136,18 @@ def reduce_loss(loss_sum: float, tokens: int, groups: Optional[ProcessGroups] = 
     if groups.size(groups.dp) > 1:
         dist.all_reduce(t, group=groups.dp)
     return float(t[0] / t[1].clamp(min=1))
+
+
+def step_token_counts(micro_batches: List[dict], groups: Optional[ProcessGroups] = None) -> tuple[int, int]:
+    """(real, computed) tokens of this step over all micro-batches and data-parallel ranks:
+    real = prompt + answer tokens (``real_tokens`` of each batch), computed = every position
+    of every row, padding included."""
+    groups = groups or process_groups()
+    t = torch.tensor([float(sum(b["real_tokens"] for b in micro_batches)),
+                      float(sum(b["tokens"].numel() for b in micro_batches))], dtype=torch.float64)
+    if groups.size(groups.dp) > 1:
+        dist.all_reduce(t, group=groups.dp)
+    return int(t[0]), int(t[1])
 
 
 def global_tokens(micro_batches: List[dict], groups: Optional[ProcessGroups] = None) -> int:

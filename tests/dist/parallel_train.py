@@ -22,13 +22,14 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import ALL_TARGETS, preset, targets_override, tiny_model_cfg  # noqa: E402
+from numerics import Comparisons, gradient_terms, loss_terms  # noqa: E402
 
 from tiedlora.dist import set_seed  # noqa: E402
 from tiedlora.config import ParallelConfig  # noqa: E402
@@ -85,6 +86,48 @@ def my_micro_batches(step: int) -> List[dict]:
 
     r, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     return global_micro_batches(step)[r::dp]
+
+
+# Variable-length examples (tests/test_packing.py): the same examples of a step, either
+# right-padded MICRO_BATCH at a time or packed whole into PACK_LENGTH-token micro-batches.
+PACK_LENGTH = 32  # divisible by TP=2 (sequence parallel splits a pack)
+
+
+def step_examples(step: int) -> List[dict]:
+    """The step's NUM_MICRO * MICRO_BATCH examples: 3 to 17 tokens, the first 1 to 7 of
+    them an unsupervised prompt."""
+    g = torch.Generator().manual_seed(2000 + step)
+    out = []
+    for _ in range(NUM_MICRO * MICRO_BATCH):
+        n = int(torch.randint(3, SEQ + 2, (1,), generator=g))
+        prompt = int(torch.randint(1, min(8, n - 1), (1,), generator=g))
+        out.append({"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist(),
+                    "loss_mask": [0] * prompt + [1] * (n - prompt)})
+    return out
+
+
+def _my_example_lists(step: int) -> List[List[int]]:
+    """This data-parallel rank's micro-batches of the step, as example indices (as the
+    sampler deals them: micro-batch j of the global step goes to rank j % dp)."""
+    from megatron.core import parallel_state as ps
+
+    r, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    lists = [list(range(j * MICRO_BATCH, (j + 1) * MICRO_BATCH)) for j in range(NUM_MICRO)]
+    return lists[r::dp]
+
+
+def unpacked_batches(step: int) -> List[dict]:
+    from tiedlora.data.sft import collate
+
+    ex = step_examples(step)
+    return [collate([ex[i] for i in il], pad_id=0) for il in _my_example_lists(step)]
+
+
+def packed_batches(step: int) -> List[dict]:
+    from tiedlora.data.packing import pack_micro_batches
+
+    mine = [i for il in _my_example_lists(step) for i in il]
+    return pack_micro_batches(step_examples(step), mine, 0, PACK_LENGTH, "first_fit_shuffle", SEED)
 
 
 def build(parallel: ParallelConfig, name: str, base: Dict[str, torch.Tensor]):
@@ -167,11 +210,14 @@ class _DPReduceSpy:
         return False
 
 
-def train(parallel: ParallelConfig, name: str, base: Dict[str, torch.Tensor], steps: int = STEPS) -> dict:
-    """Run ``steps`` optimizer steps; return everything the tests compare.
+def train(parallel: ParallelConfig, name: str, base: Dict[str, torch.Tensor], steps: int = STEPS,
+          batches: Callable[[int], List[dict]] = None) -> dict:
+    """Run ``steps`` optimizer steps; return everything the tests compare. ``batches(step)``:
+    this rank's micro-batches of the step (default :func:`my_micro_batches`).
 
     Collective over the whole world (every rank must call it with the same arguments).
     """
+    batches = batches or my_micro_batches
     chunks = build(parallel, name, base)
     result = {"init": adapter_state_dict(chunks), "tied_spread": [tied_copy_spread(chunks)],
               "tied_holders": tied_holders(chunks), "losses": [], "grad_norms": [], "grads": [],
@@ -181,7 +227,7 @@ def train(parallel: ParallelConfig, name: str, base: Dict[str, torch.Tensor], st
     result["optimizer_entries"] = optimizer_entries(chunks, optimizer)
     result["trainable_numel"] = sum(r.param.numel() for r in params)
     for step in range(steps):
-        micro = my_micro_batches(step)
+        micro = batches(step)
         n_tokens = global_tokens(micro)
         for c in chunks:
             c.zero_grad(set_to_none=True)
@@ -204,6 +250,65 @@ def train(parallel: ParallelConfig, name: str, base: Dict[str, torch.Tensor], st
     result["train_state"] = {k: v for k, v in training_state_tensors(chunks, optimizer).items()
                              if k.startswith("optim.")}
     return result, chunks, optimizer
+
+
+def compare_runs(got: dict, ref: dict, where: str, net, tokens: int) -> None:
+    """Every number of a training run vs the reference, within its fp32 rounding bound
+    (tests/numerics.py): ``net`` the model's sizes, ``tokens`` a step's tokens. Step s's
+    numbers also carry the rounding of the s earlier steps (through the parameters), so
+    their K grows by one gradient per step."""
+    grad = gradient_terms(net, tokens)
+    c = Comparisons()
+    for step, (g, r) in enumerate(zip(got["losses"], ref["losses"])):
+        c.close(torch.tensor(g), torch.tensor(r), loss_terms(net, tokens) + step * grad,
+                f"{where} step {step} loss")
+    for step, (g, r) in enumerate(zip(got["grad_norms"], ref["grad_norms"])):  # + the squares summed
+        c.close(torch.tensor(g), torch.tensor(r), (step + 1) * grad + ref["trainable_numel"],
+                f"{where} step {step} grad norm")
+    for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
+        assert list(g) == list(r)
+        for k, t in r.items():
+            c.close(g[k], t, (step + 1) * grad, f"{where} step {step} grad {k}")
+    trainable = ref["grads"][0]
+    for k, t in ref["final"].items():
+        if k not in trainable:  # frozen: never touched
+            assert torch.equal(got["final"][k], t) and torch.equal(t, ref["init"][k]), f"{where} frozen {k}"
+            continue
+        # AdamW is elementwise: the update inherits the gradients' relative error, in norm
+        c.close(got["final"][k] - got["init"][k], t - ref["init"][k], STEPS * grad,
+                f"{where} {STEPS}-step update {k}", scale="norm")
+    assert sorted(got["train_state"]) == sorted(ref["train_state"])
+    for k, t in ref["train_state"].items():
+        if k == "optim.step":
+            assert torch.equal(got["train_state"][k], t)
+            continue
+        squared = 2 if k.startswith("optim.exp_avg_sq.") else 1  # a square doubles the relative error
+        c.close(got["train_state"][k], t, squared * STEPS * grad, f"{where} optimizer {k}", scale="norm")
+    c.check()
+
+
+def single_process(d: Path, threads: int, batch_fns: Dict[str, Callable]) -> tuple:
+    """The TP=PP=DP=1 side of a layout test, in the calling process: the base weights (also
+    saved as ``d/base.safetensors`` for the workers) and, per entry of ``batch_fns`` (None:
+    :func:`my_micro_batches`), every preset trained on those micro-batches. Runs with
+    ``threads`` threads, as the workers."""
+    from safetensors.torch import save_file
+
+    from tiedlora.convert.layout import gather_full
+    from tiedlora.dist import init_distributed
+
+    init_distributed(ParallelConfig(), seed=SEED)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        set_seed(SEED)
+        base = gather_full(build_model_chunks(model_cfg(), ParallelConfig()))
+        save_file({k: v.contiguous() for k, v in base.items()}, str(d / "base.safetensors"))
+        runs = {key: {n: train(ParallelConfig(), n, base, batches=fn)[0] for n in PRESETS}
+                for key, fn in batch_fns.items()}
+    finally:
+        torch.set_num_threads(before)
+    return base, runs
 
 
 def eval_loss(chunks) -> float:

@@ -306,9 +306,10 @@ def collate(
 
     Returns ``tokens`` [b, s] int64, ``labels`` [b, s] int64 (``tokens`` shifted left by
     one: the next-token targets), ``loss_mask`` [b, s] float32 (1 where ``labels`` is a
-    supervised token, 0 on padding) and ``position_ids`` [b, s] int64. ``s`` is the
-    longest ``len(input_ids) - 1``, rounded up to ``pad_to_multiple_of``, or exactly
-    ``pad_to_length`` (a fixed shape, as pipeline parallelism needs) when given.
+    supervised token, 0 on padding), ``position_ids`` [b, s] int64 and ``real_tokens``
+    (an int: the tokens that are not padding). ``s`` is the longest ``len(input_ids) - 1``,
+    rounded up to ``pad_to_multiple_of``, or exactly ``pad_to_length`` (a fixed shape, as
+    pipeline parallelism needs) when given.
     """
     if not examples:
         raise ValueError("collate: empty list of examples")
@@ -335,7 +336,9 @@ def collate(
         labels[row, :n] = torch.tensor(ids[1:], dtype=torch.long)
         loss_mask[row, :n] = torch.tensor(mask[1:], dtype=torch.float32)
     position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous()
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    real = sum(max(len(e["input_ids"]) - 1, 0) for e in examples)
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
+            "real_tokens": real}
 
 
 # ---------------------------------------------------------------------------- batching
