@@ -1,9 +1,11 @@
-"""launch/miniature_grid.py end to end on the one-node Slurm: the lr phase, the rate chosen per
-(task, preset) on validation loss, the grid at that rate (reusing the lr phase's run), the report."""
+"""launch/miniature_grid.py end to end on the one-node Slurm: the lr phase in bracketing rounds,
+the rate chosen per (task, preset) on validation loss (rates.json), the grid at that rate (reusing
+the lr phase's run), the report. The rule's every branch: tests/test_lr_bracket.py."""
 
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -20,19 +22,30 @@ def test_miniature_grid_lr_phase_grid_and_report(tiny, tmp_path):
     # validation on (FAST turns it off): the rates are chosen on validation loss
     overrides = [*tiny["model"], *[a for a in TINY_TASK if not a.startswith("task=")], *FAST,
                  "trainer.max_steps=3", "trainer.val_check_interval=3"]
-    res = subprocess.run([sys.executable, "launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa",
-                          "--presets", "lora,tl6", "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8",
-                          "--lrs", "1e-3,1e-2", "--", *overrides],
-                         cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=900)
+    args = ["launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa", "--presets", "lora,tl6",
+            "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8", "--lrs", "1e-3,1e-2", "--max-rounds", "2",
+            "--allow-edge", "--", *overrides]
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, env=tiny["env"], capture_output=True, text=True,
+                         timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     out = res.stdout
-    assert "[4/4] report" in out and " lora: lr " in out and " tl6: lr " in out, out
-    # the lr phase ran both rates at rank 4, seed 7; the grid the other rank at both seeds, and
-    # rank 4 only at the second seed (the first is the lr phase's run)
-    assert len(list((root / "lr").glob("*/results.json"))) == 4
+    assert "[3/3] report" in out and " lora: lr " in out and " tl6: lr " in out, out
+    # round 1 ran both rates at rank 4, seed 7; round 2 (if any pair asked) one more rate per pair
+    assert len(list((root / "lr" / "round1").glob("*/results.json"))) == 4
+    rates = json.loads((root / "rates.json").read_text())["mini_qa"]
     for preset in ("lora", "tl6"):
-        assert len(list((root / "grid" / f"mini_qa-{preset}").glob("*/results.json"))) == 2
-        assert len(list((root / "grid" / f"mini_qa-{preset}-r4").glob("*/results.json"))) == 1
+        b = rates[preset]
+        assert b["state"] in ("bracketed", "edge") and b["lr"] in b["tried"], rates
+        assert (b["state"] == "bracketed") == (b["lower"] is not None and b["upper"] is not None), rates
+        if b["tried"] != [1e-3, 1e-2]:  # widened: the new rate is one ladder step beyond round 1's
+            assert set(b["tried"]) - {1e-3, 1e-2} <= {3e-4, 3e-2}, rates
+            assert list((root / "lr" / "round2").glob("*/*/results.json")), rates
+        # the grid ran the other rank at both seeds, and rank 4 only at the second seed (the first
+        # is the lr phase's run), all at the chosen rate
+        grid = [*(root / "grid" / f"mini_qa-{preset}").glob("*/config.yaml"),
+                *(root / "grid" / f"mini_qa-{preset}-r4").glob("*/config.yaml")]
+        assert len(grid) == 3
+        assert {yaml_lr(p) for p in grid} == {b["lr"]}, (grid, rates)
     rows = list(csv.DictReader((root / "report" / "mini_qa__tiny.csv").open()))
     cells = {(r["preset"], r["rank"]): r for r in rows}
     assert set(cells) == {("lora", "2"), ("lora", "4"), ("tl6", "2"), ("tl6", "4")}, rows
@@ -41,11 +54,14 @@ def test_miniature_grid_lr_phase_grid_and_report(tiny, tmp_path):
     assert missing == [], missing
     assert list((root / "report").glob("*.png"))
     # a rerun submits nothing again: every phase's sweep.json exists
-    again = subprocess.run([sys.executable, "launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa",
-                            "--presets", "lora,tl6", "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8",
-                            "--lrs", "1e-3,1e-2", "--", *overrides],
-                           cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, *args], cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("submitted before, not again") >= 3, again.stdout
+
+
+def yaml_lr(path):
+    import yaml
+
+    return float(yaml.safe_load(path.read_text())["optim"]["lr"])
 
 
 def test_miniature_grid_refuses_to_choose_rates_without_validation(tiny, tmp_path):
