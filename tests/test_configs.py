@@ -48,3 +48,30 @@ def test_group_file_composes(primary, path: Path, monkeypatch):
 def test_yaml_opens_with_comment_header(path: Path):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("#") and lines[1].startswith("#"), f"{path}: needs a 2-4 line comment header"
+
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "peft").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_carries_its_rate_and_a_run_uses_it(preset):
+    """optim.lr is null in conf/finetune.yaml: a run takes its preset's rate (peft.lr), and says so."""
+    cfg = to_object(compose("finetune", [f"peft={preset}"]))
+    rate = yaml.safe_load((CONF_DIR / "peft" / f"{preset}.yaml").read_text())["lr"]
+    assert isinstance(rate, float) and rate > 0
+    assert cfg.optim.lr == rate and cfg.lr_source == "peft.lr"
+    assert cfg.optim.min_lr <= cfg.optim.lr
+
+
+def test_an_explicit_rate_wins_over_the_presets():
+    cfg = to_object(compose("finetune", ["peft=tl6", "optim.lr=5e-4"]))
+    assert cfg.optim.lr == 5e-4 and cfg.lr_source == "optim.lr"
+    cfg = to_object(compose("finetune", ["peft=tl6", "peft.lr=7e-3"]))  # the preset's, changed
+    assert cfg.optim.lr == 7e-3 and cfg.lr_source == "peft.lr"
+
+
+def test_no_rate_anywhere_is_named():
+    with pytest.raises(ValueError, match=r"optim.lr is null and preset 'tl6' carries no rate \(peft.lr\)"):
+        to_object(compose("finetune", ["peft=tl6", "peft.lr=null"]))
+    with pytest.raises(ValueError, match=r"optim.min_lr=0.5: must be in \[0, the peak rate 0.03 \(peft.lr of preset"):
+        to_object(compose("finetune", ["peft=tl6", "optim.min_lr=0.5"]))

@@ -118,8 +118,13 @@ class PeftConfig:
     B: FactorConfig = field(default_factory=lambda: FactorConfig(trainable=True, tied=True))
     u: FactorConfig = field(default_factory=FactorConfig)
     v: FactorConfig = field(default_factory=FactorConfig)
+    # the peak learning rate that suits this preset on the embedded mini base (chosen by the
+    # miniature grid's bracketing sweep); a run uses it when optim.lr is null
+    lr: Optional[float] = None
 
     def __post_init__(self):
+        if self.lr is not None and (isinstance(self.lr, bool) or not math.isfinite(float(self.lr)) or self.lr <= 0):
+            raise ValueError(f"peft.lr={self.lr!r}: must be a positive number (or null)")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"peft.rank={self.rank!r}: must be a positive integer")
         if self.alpha is not None and (not math.isfinite(float(self.alpha)) or self.alpha <= 0):
@@ -438,7 +443,7 @@ class TaskConfig:
 # ----------------------------------------------------------------------------- training
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # peak learning rate
+    lr: Optional[float] = None  # peak learning rate; None: the preset's (peft.lr)
     min_lr: float = 1e-6  # cosine floor
     warmup_steps: int = 50  # linear warm-up from 0
     weight_decay: float = 0.01
@@ -447,16 +452,20 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr!r}: must be > 0")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr={self.min_lr!r}: must be in [0, optim.lr={self.lr}]")
+        if self.lr is not None:
+            if not self.lr > 0:
+                raise ValueError(f"optim.lr={self.lr!r}: must be > 0")
+            self.check_min_lr("optim.lr")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps!r}: must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas={list(self.betas)!r}: two numbers in [0, 1)")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip={self.grad_clip!r}: must be >= 0")
+
+    def check_min_lr(self, source: str) -> None:
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr!r}: must be in [0, the peak rate {self.lr:g} ({source})]")
 
 
 @dataclass
@@ -551,6 +560,16 @@ class FinetuneConfig:
     adapter: Optional[str] = None  # evaluate only: adapter file (default: <output_dir>/adapter.safetensors)
 
     def __post_init__(self):
+        # the peak rate: optim.lr when set (command line, recipe, sweep), else the preset's
+        if self.optim.lr is not None:
+            self.lr_source = "optim.lr"
+        elif self.peft.lr is not None:
+            self.optim.lr = float(self.peft.lr)
+            self.lr_source = "peft.lr"
+            self.optim.check_min_lr(f"peft.lr of preset {self.peft.name!r}")
+        else:
+            raise ValueError(f"optim.lr is null and preset {self.peft.name!r} carries no rate (peft.lr): set "
+                             "optim.lr=... (choose one with +sweep=lr), or give the preset's YAML an lr")
         window = self.model.sliding_window
         if window is not None and self.task.max_length > window:  # prompt + generated tokens in evaluation
             raise ValueError(
@@ -611,6 +630,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="params_schema", node=ParamsConfig)
     cs.store(name="finetune_schema", node=FinetuneConfig)
+    from tiedlora.launch.lr_sweep import register as register_lr_sweeper
+
+    register_lr_sweeper()  # hydra/sweeper=lr_bracket, which +sweep=lr selects
     _REGISTERED = True
 
 

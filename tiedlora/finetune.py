@@ -137,6 +137,18 @@ def lock_output_dir(trainer: TrainerConfig, out: Path) -> tuple[Optional[RunLock
         return None, e
 
 
+def describe_lr(cfg: FinetuneConfig) -> str:
+    """Which peak rate the run uses and where it came from (printed at start)."""
+    if cfg.lr_source == "optim.lr":
+        return f"[tiedlora] lr {cfg.optim.lr:g} (optim.lr)"
+    line = (f"[tiedlora] lr {cfg.optim.lr:g} (preset {cfg.peft.name}'s rate, peft.lr, chosen on the embedded mini "
+            "base; override with optim.lr=...)")
+    if cfg.model.name != "mini":
+        line += (f"\n[tiedlora] note: model={cfg.model.name} is not the mini base that rate was chosen on: use a "
+                 "recipe (recipes/, the paper's 1e-4) or choose one with +sweep=lr")
+    return line
+
+
 def setup(cfg: FinetuneConfig, lock: Optional[RunLock] = None, lock_refused: Optional[Exception] = None) -> Run:
     """Data first (no process group needed), then the process group, model, optimizer,
     and the latest checkpoint of ``cfg.output_dir`` when there is one. ``lock`` /
@@ -165,6 +177,7 @@ def setup(cfg: FinetuneConfig, lock: Optional[RunLock] = None, lock_refused: Opt
     if lock_refused is not None:  # every rank stops with rank 0's message (printed by rank 0 only)
         raise lock_refused
     groups = process_groups()
+    _say(describe_lr(cfg))
     preempt = PreemptionFlag(cfg.trainer.preempt_signals)
     chunks = build_model(cfg.model, cfg.peft, cfg.parallel, weights)
 
@@ -427,7 +440,8 @@ def _results_common(run: Run) -> dict:
     cfg, state, groups = run.cfg, run.state, run.groups
     return {
         "task": cfg.task.name, "model": cfg.model.name, "preset": cfg.peft.name, "rank": cfg.peft.rank,
-        **run.counts, "metrics_before": state["metrics_before"], "steps": state["step"],
+        "lr": cfg.optim.lr, "lr_source": cfg.lr_source, **run.counts,
+        "metrics_before": state["metrics_before"], "steps": state["step"],
         "skipped_steps": state["skipped_steps"], "best_val_loss": state["best_val"], "best_step": state["best_step"],
         "stopped_early": state["stopped_early"], "output_dir": str(run.out), "run": run.identity,
         "train_time_s": round(state["train_time"], 1),
