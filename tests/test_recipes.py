@@ -204,8 +204,8 @@ def test_grid_file_is_the_same_grid_as_the_recipes(model, monkeypatch):
 def test_lr_sweep_on_a_recipe(monkeypatch):
     monkeypatch.setenv("GPT2B_001", CHECKPOINTS["GPT2B_001"])
     cfg = _compose(str(ROOT / "recipes/gpt2b_001/squad"), "tl6_r8", ["+sweep=lr"], hydra_node=True)
-    lrs = [float(v) for v in str(cfg.hydra.sweeper.params["optim.lr"]).split(",")]
-    assert len(lrs) == 6 and 1e-4 in lrs and lrs == sorted(lrs)
+    assert cfg.hydra.sweeper._target_.endswith("LRBracketSweeper")  # brackets: tests/test_lr_sweep.py
+    assert list(cfg.hydra.sweeper.lrs) == [3e-5, 1e-4, 3e-4] and not cfg.hydra.sweeper.allow_edge
     d = _as_dict(_compose(str(ROOT / "recipes/gpt2b_001/squad"), "tl6_r8", ["+sweep=lr", "optim.lr=3e-4"]))
     assert d["output_dir"] == "outputs/lr_sweep/gpt2b_001/squad/tl6_r8_lr0.0003"
     plain = _as_dict(_compose(str(ROOT / "recipes/gpt2b_001/squad"), "tl6_r8", ["optim.lr=3e-4"]))
