@@ -203,3 +203,30 @@ def test_a_diverged_run_is_never_a_result(tmp_path, capsys):
     assert cell.mean == 20.0 and cell.lr is None and [r["lr"] for r in cell.runs] == [1e-3]
     assert [(m.preset, m.status) for m in out["missing"]] == [("tl6", "diverged at step 7")]
     assert "diverged at step 7" in report.render(out["rows"])
+
+
+def test_learning_rate_table_names_each_choice_its_neighbours_and_flags_edges(tmp_path, capsys):
+    """tl6: 1e-2 best, 3e-3 below, 3e-2 diverged above: bracketed. lora: the best at the highest
+    rate tried: EDGE. Seeds average; a cell at one rate is not in the table."""
+    for seed in (1, 2):
+        _run(tmp_path, f"tl6_a{seed}", "tl6", 8, seed=seed, lr=3e-3, rouge=40.0, val_loss=1.2 + seed / 10)
+        _run(tmp_path, f"tl6_b{seed}", "tl6", 8, seed=seed, lr=1e-2, rouge=45.0, val_loss=1.0 + seed / 10)
+    d = _run(tmp_path, "tl6_c", "tl6", 8, seed=1, lr=3e-2, rouge=1.0, val_loss=0.1)
+    res = json.loads((d / "results.json").read_text())
+    (d / "results.json").write_text(json.dumps({**res, "status": "diverged", "diverged": {"step": 3}}))
+    _run(tmp_path, "lora_a", "lora", 8, seed=1, lr=3e-3, rouge=40.0, val_loss=1.4)
+    _run(tmp_path, "lora_b", "lora", 8, seed=1, lr=1e-2, rouge=41.0, val_loss=1.1)
+    _run(tmp_path, "lora_r2", "lora", 2, seed=1, lr=1e-2, rouge=30.0, val_loss=1.3)
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
+    rows = {(r["preset"], r["rank"]): r for r in csv.DictReader((tmp_path / "rep" / "learning_rates.csv").open())}
+    assert set(rows) == {("lora", "8"), ("tl6", "8")}
+    tl6, lora = rows[("tl6", "8")], rows[("lora", "8")]
+    assert (float(tl6["lr"]), float(tl6["val_loss"]), tl6["state"]) == (1e-2, 1.15, "bracketed")
+    assert (float(tl6["lower_lr"]), float(tl6["lower_val_loss"])) == (3e-3, pytest.approx(1.35))
+    assert (float(tl6["upper_lr"]), tl6["upper_val_loss"]) == (3e-2, "")
+    assert lora["state"] == "edge" and float(lora["lr"]) == 1e-2 and lora["why"] == "nothing tried above it"
+    md = (tmp_path / "rep" / "learning_rates.md").read_text()
+    assert "| tl6 | 8 | 0.01 | 1.1500 | 0.003 (1.3500) | 0.03 (diverged) |" in md
+    assert "| lora | 8 | 0.01 | 1.1000 | 0.003 (1.4000) | none tried |" in md and "**EDGE**" in md
+    out = capsys.readouterr().out
+    assert "learning rates: 1 choice(s) at the EDGE" in out and "mini_sum mini lora 8" in out

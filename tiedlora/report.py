@@ -16,6 +16,8 @@ rank); its runs are its seeds, possibly at several learning rates::
         ├─► <task>__<model>__rank.png     metric vs rank, a line per preset (the paper's per-task figure)
         ├─► <model>__average.png          mean over tasks vs rank per preset, LoRA and VeRA as baselines
         ├─► <model>__pareto.png           metric vs trainable parameters (log axis), Pareto front marked
+        ├─► learning_rates.md / .csv      per cell that tried several rates: the choice, the tried rates
+        │                                 beside it and their validation losses, EDGE where one side is missing
         └─► missing.md / .csv             cells without a result: failed, running, not started, never submitted
 
 Learning-rate selection: when a cell holds runs at several rates, the rate whose runs have the
@@ -42,11 +44,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
 from tiedlora.files import atomic_write_text, to_json
+
+if TYPE_CHECKING:
+    from tiedlora.lr_bracket import Bracket
 
 PRESET_ORDER = ["lora", "vera", "tl1", "tl2", "tl3", "tl4", "tl5", "tl6", "tl7"]
 BASELINES = ("lora", "vera")
@@ -440,6 +445,53 @@ def missing_tables(missing: List[Missing]) -> Tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
+def learning_rates(rows: List[dict]) -> List[Tuple[tuple, "Bracket"]]:
+    """Every cell whose runs tried two rates or more: its choice, with the tried rates beside it
+    and their validation losses (tiedlora.lr_bracket; seeds averaged, a diverged one diverges)."""
+    from tiedlora.lr_bracket import decide, mean_outcome, outcome_of
+
+    by: Dict[tuple, Dict[float, list]] = {}
+    for r in rows:
+        o = outcome_of(r)
+        if o is None or not isinstance(r.get("lr"), (int, float)):
+            continue
+        key = (str(r.get("task", "?")), str(r.get("model", "?")), str(r.get("preset", "?")), int(r.get("rank", 0)))
+        by.setdefault(key, {}).setdefault(float(r["lr"]), []).append(o)
+    out = [(k, decide({lr: mean_outcome(v) for lr, v in d.items()})) for k, d in by.items() if len(d) > 1]
+    return sorted(out, key=lambda kb: (kb[0][0], kb[0][1], _preset_key(kb[0][2]), kb[0][3]))
+
+
+def lr_tables(brackets: List[Tuple[tuple, "Bracket"]]) -> Tuple[str, str]:
+    from tiedlora.lr_bracket import DIVERGED, fmt
+
+    def side(n):
+        if n is None:
+            return "none tried"
+        return f"{fmt(n.lr)} (diverged)" if n.outcome == DIVERGED else f"{fmt(n.lr)} ({n.outcome:.4f})"
+
+    md = ["### Learning rates", "",
+          "Cells that tried two rates or more: the rate with the lowest validation loss, and the tried rates "
+          "beside it (validation loss). A choice without a tried rate on one side is an **EDGE**: the best "
+          "rate may lie beyond it.", ""]
+    if not brackets:
+        md.append("None: every cell ran at one rate.")
+    else:
+        md += ["| task | model | preset | rank | lr | val loss | below | above | tried | |", "|" + "---|" * 10]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "model", "preset", "rank", "lr", "val_loss", "lower_lr", "lower_val_loss", "upper_lr",
+                "upper_val_loss", "tried", "state", "why"])
+    for (t, m, p, k), b in brackets:
+        flag = "" if b.state == "bracketed" else f"**EDGE**: {b.why}"
+        md.append(f"| {t} | {m} | {p} | {k} | {fmt(b.chosen) if b.chosen else '-'} | "
+                  f"{'-' if b.chosen_loss is None else f'{b.chosen_loss:.4f}'} | {side(b.lower)} | {side(b.upper)} | "
+                  f"{', '.join(map(fmt, b.tried))} | {flag} |")
+        nb = [(n.lr, None if n.outcome == DIVERGED else n.outcome) if n else (None, None) for n in (b.lower, b.upper)]
+        w.writerow([t, m, p, k, b.chosen, b.chosen_loss, *nb[0], *nb[1], " ".join(map(fmt, b.tried)),
+                    "bracketed" if b.state == "bracketed" else "edge", b.why])
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
 # -------------------------------------------------------------------------- figures
 def pareto_front(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
     """Points not dominated by another (fewer or equal parameters AND higher or equal metric,
@@ -565,6 +617,12 @@ def write_report(roots, out: Path, figures: bool = True) -> dict:
         atomic_write_text(out / f"{stem}.csv", text)
         written += [out / f"{stem}.md", out / f"{stem}.csv"]
         index += [md, ""]
+    lrs = learning_rates(rows)
+    lmd, lcsv = lr_tables(lrs)
+    atomic_write_text(out / "learning_rates.md", lmd)
+    atomic_write_text(out / "learning_rates.csv", lcsv)
+    written += [out / "learning_rates.md", out / "learning_rates.csv"]
+    index += [lmd, ""]
     mmd, mcsv = missing_tables(missing)
     atomic_write_text(out / "missing.md", mmd)
     atomic_write_text(out / "missing.csv", mcsv)
@@ -576,7 +634,7 @@ def write_report(roots, out: Path, figures: bool = True) -> dict:
         index += ["", "### Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     atomic_write_text(out / "README.md", "\n".join(index) + "\n")
     written.append(out / "README.md")
-    return {"rows": rows, "cells": cells, "missing": missing, "written": written}
+    return {"rows": rows, "cells": cells, "missing": missing, "written": written, "learning_rates": lrs}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -606,6 +664,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nreport: {len(res['written'])} files in {out} "
           f"({len(res['cells'])} cells with results, {n_missing} missing"
           + (f": see {out / 'missing.md'})" if n_missing else ")"))
+    edges = [k for k, b in res["learning_rates"] if b.state != "bracketed"]
+    if edges:
+        print(f"learning rates: {len(edges)} choice(s) at the EDGE of the rates tried ("
+              + ", ".join(" ".join(map(str, k)) for k in edges) + f"): see {out / 'learning_rates.md'}")
     return 0
 
 if __name__ == "__main__":
