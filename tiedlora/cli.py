@@ -171,6 +171,15 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _sweeper_takes_divergence() -> bool:
+    """True in a job of the bracketing learning-rate sweep (hydra/sweeper=lr_bracket), which reads
+    a diverged rate as the upper end of a bracket: a job that a launcher runs elsewhere (Slurm)
+    then returns the diverged run's results instead of failing, so the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return _in_multirun() and str(HydraConfig.get().sweeper.get("_target_", "")).endswith(".LRBracketSweeper")
+
+
 @contextlib.contextmanager
 def _full_error_env(value: Optional[str]) -> Iterator[None]:
     old = os.environ.get(FULL_ERROR_ENV)
@@ -218,6 +227,9 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
                         return task(dcfg)
                     except Exception as e:  # noqa: BLE001 - sorted by report_error
                         if not _in_entry_process():
+                            if isinstance(e, RunDiverged) and _sweeper_takes_divergence():
+                                report_error(e)
+                                return e.results  # an outcome of the sweep, handed back as a result
                             raise
                         status = report_error(e)
                         if status == EXIT_DIVERGED and _in_multirun():

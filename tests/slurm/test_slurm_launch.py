@@ -172,6 +172,25 @@ def test_hydra_multirun_on_slurm_with_two_task_jobs(tiny, tmp_path):
     assert "#SBATCH --requeue" in sbatch and "export OMP_NUM_THREADS=1" in sbatch
 
 
+def test_lr_sweep_on_slurm_takes_a_diverged_job_as_its_upper_bracket(tiny, tmp_path):
+    """``+sweep=lr hydra/launcher=slurm``: the rounds run as Slurm jobs; a job whose run diverges
+    (1e6 without clipping) hands its results back instead of failing the sweep."""
+    out = tmp_path / "lr"
+    args = [a for a in tiny["args"] if a != "trainer.val_check_interval=0"]
+    cmd = [sys.executable, "-m", "tiedlora.finetune", "-m", "+sweep=lr", "hydra/launcher=slurm",
+           "hydra.launcher.cluster=local", f"hydra.sweep.dir={out}/multirun", "peft=tl6", *args,
+           "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.max_skipped_steps=1",
+           "optim.grad_clip=0", "optim.lr=1e-3,1e6", "hydra.sweeper.max_rounds=1", "hydra.sweeper.allow_edge=true",
+           f"output_dir={out}/lr${{optim.lr}}"]
+    res = subprocess.run(cmd, cwd=ROOT, env=tiny["env"], capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    runs = {r["lr"]: r for r in (json.loads(f.read_text()) for f in out.glob("lr*/results.json"))}
+    assert set(runs) == {1e-3, 1e6} and runs[1e6]["status"] == "diverged", runs
+    (choice,) = json.loads((out / "multirun" / "lr_bracket.json").read_text()).values()
+    assert choice["lr"] == 1e-3 and choice["upper"] == {"lr": 1e6, "val_loss": None, "diverged": True}, choice
+    assert choice["state"] == "edge" and "nothing tried below it" in choice["why"], choice  # one round only
+
+
 def test_torchrun_script_under_slurm_takes_the_rendezvous_from_slurm(tiny, tmp_path):
     """launch/slurm_torchrun.sbatch -> srun -> launch/torchrun_multi_node.sh -> 2 ranks, TP=2."""
     out = tmp_path / "torchrun out"
