@@ -20,7 +20,7 @@ PKG = ROOT / "tiedlora"
 # prefix that names it. A module may import its own layer or any layer below, never above.
 LAYERS = [
     ("util", ["tiedlora.files", "tiedlora.errors", "tiedlora.compat", "tiedlora.mcore_version",
-              "tiedlora.sharding", "tiedlora.metrics", "tiedlora.launch"]),
+              "tiedlora.sharding", "tiedlora.metrics", "tiedlora.lr_bracket", "tiedlora.launch"]),
     ("data", ["tiedlora.data"]),
     ("config", ["tiedlora.config", "tiedlora.cli"]),
     ("parallel", ["tiedlora.dist"]),

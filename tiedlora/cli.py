@@ -41,9 +41,9 @@ catches a user's mistake inside the task, before Hydra sees it, and turns on Hyd
 ``HYDRA_FULL_ERROR`` re-raising around Hydra's own steps (override parsing, composition),
 so those reach :func:`run` too. A Hydra multirun stops at the first job with a mistake; a
 job that diverged does not stop it (one rate of a learning-rate sweep may well diverge): its
-message is printed, the other jobs run, and the multirun exits with status 4 at the end, unless
-the sweeper counted the divergence as an outcome (:func:`divergence_was_an_outcome`: the
-bracketing learning-rate sweep, where a diverged rate is the upper end of a bracket).
+message is printed, the other jobs run, and the multirun exits with status 4 at the end, except
+under the bracketing learning-rate sweep (``hydra/sweeper=lr_bracket``), where a diverged rate is
+an outcome, the upper end of a bracket, and its results are handed back like any other job's.
 A job that a launcher runs in another process (``hydra/launcher=slurm``) raises the
 mistake as usual; the launcher hands it back and the submitting process reports it.
 """
@@ -59,8 +59,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional
 from tiedlora.errors import (EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_WRITE_FAILED, MissingPackageError,
                              RunDiverged, UserError, WriteFailed)
 
-__all__ = ["EXIT_USER_ERROR", "MissingPackageError", "UserError", "describe", "divergence_was_an_outcome",
-           "exit_status", "hydra_main",
+__all__ = ["EXIT_USER_ERROR", "MissingPackageError", "UserError", "describe", "exit_status", "hydra_main",
            "is_user_error", "report_error", "run"]
 
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
@@ -148,13 +147,6 @@ def run(main: Callable[[], Any]) -> NoReturn:
 
 
 _ENTRY_PID: Optional[int] = None  # the process whose command line hydra_main parsed
-_DIVERGED: list = []  # jobs of this process's multirun that diverged (the sweep goes on without them)
-
-
-def divergence_was_an_outcome() -> None:
-    """Called by a sweeper that used its jobs' divergences as results: the multirun does not
-    end with status 4 for them."""
-    _DIVERGED.clear()
 
 
 def _in_entry_process() -> bool:
@@ -173,8 +165,9 @@ def _in_multirun() -> bool:
 
 def _sweeper_takes_divergence() -> bool:
     """True in a job of the bracketing learning-rate sweep (hydra/sweeper=lr_bracket), which reads
-    a diverged rate as the upper end of a bracket: a job that a launcher runs elsewhere (Slurm)
-    then returns the diverged run's results instead of failing, so the sweep goes on."""
+    a diverged rate as the upper end of a bracket: a diverged job then returns its results like
+    any other (also where a launcher runs it elsewhere, Slurm) and the multirun does not end
+    with status 4 for it."""
     from hydra.core.hydra_config import HydraConfig
 
     return _in_multirun() and str(HydraConfig.get().sweeper.get("_target_", "")).endswith(".LRBracketSweeper")
@@ -218,7 +211,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
             _ENTRY_PID = os.getpid()
             users_setting = os.environ.get(FULL_ERROR_ENV)
 
-            _DIVERGED.clear()
+            diverged = []  # jobs of a multirun that diverged (the sweep goes on without them)
 
             @functools.wraps(task)  # Hydra unwraps it: job name and paths come from `task`
             def job(dcfg):
@@ -233,7 +226,8 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
                             raise
                         status = report_error(e)
                         if status == EXIT_DIVERGED and _in_multirun():
-                            _DIVERGED.append(e)
+                            if not _sweeper_takes_divergence():
+                                diverged.append(e)
                             return e.results  # the comparison table shows it as diverged
                         # SystemExit passes through Hydra's job runner (it catches Exception only)
                         raise SystemExit(status) from None
@@ -244,7 +238,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
             def call():
                 with _full_error_env("1"):  # Hydra re-raises instead of printing its own report
                     app()
-                return EXIT_DIVERGED if _DIVERGED else None
+                return EXIT_DIVERGED if diverged else None
 
             run(call)
 

@@ -350,3 +350,12 @@ def warn_if_run_dir_held(path: os.PathLike | str, what: str) -> None:
         folder, holder = held
         print(f"warning: {folder} is in use by a running fine-tune ({describe_holder(holder)}); "
               f"the {what} read from it may change while this command runs", file=sys.stderr, flush=True)
+
+
+def read_results(path: Path) -> Optional[dict]:
+    """A results.json as a dict; None when it is missing or not one JSON object."""
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return r if isinstance(r, dict) else None

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import yaml
 
-from tiedlora.files import atomic_write_text, to_json
+from tiedlora.files import atomic_write_text, read_results, to_json
 
 if TYPE_CHECKING:
     from tiedlora.lr_bracket import Bracket
@@ -311,7 +311,6 @@ def _slurm_rows(sweep_dir: Path) -> Dict[int, dict]:
 
 
 def _job_status(job: dict, out: Path, slurm: Optional[dict]) -> str:
-    from tiedlora.submit import read_results
 
     diverged = diverged_at(read_results(out / "results.json") or {})
     if diverged:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from tiedlora.cli import report_error
-from tiedlora.files import atomic_write_text, to_json
+from tiedlora.files import atomic_write_text, read_results, to_json
 from tiedlora.launch.cluster import ClusterConfig, load_cluster
 from tiedlora.launch.sbatch import OUTPUT_DIR_ENV, OUTPUT_DIR_OVERRIDE, JobSpec, hydra_quote, render_script
 
@@ -286,15 +286,6 @@ def _sacct(ids: Sequence[str]) -> Dict[str, str]:
         jid, state, code = (line.split("|") + ["", ""])[:3]
         out[jid] = state + (f" exit {code}" if code not in ("0:0", "") else "")
     return out
-
-
-def read_results(path: Path) -> Optional[dict]:
-    """A results.json as a dict; None when it is missing or not one JSON object."""
-    try:
-        r = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return r if isinstance(r, dict) else None
 
 
 def status(sweep_dir: Path) -> List[dict]:
