@@ -23,7 +23,7 @@ def test_miniature_grid_lr_phase_grid_and_report(tiny, tmp_path):
     overrides = [*tiny["model"], *[a for a in TINY_TASK if not a.startswith("task=")], *FAST,
                  "trainer.max_steps=3", "trainer.val_check_interval=3"]
     args = ["launch/miniature_grid.py", "--root", str(root), "--tasks", "mini_qa", "--presets", "lora,tl6",
-            "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8", "--lrs", "1e-3,1e-2", "--max-rounds", "2",
+            "--ranks", "2,4", "--lr-rank", "4", "--seeds", "7,8", "--lrs", "3e-3,1e-2", "--max-rounds", "2",
             "--allow-edge", "--", *overrides]
     res = subprocess.run([sys.executable, *args], cwd=ROOT, env=tiny["env"], capture_output=True, text=True,
                          timeout=900)
@@ -37,8 +37,8 @@ def test_miniature_grid_lr_phase_grid_and_report(tiny, tmp_path):
         b = rates[preset]
         assert b["state"] in ("bracketed", "edge") and b["lr"] in b["tried"], rates
         assert (b["state"] == "bracketed") == (b["lower"] is not None and b["upper"] is not None), rates
-        if b["tried"] != [1e-3, 1e-2]:  # widened: the new rate is one ladder step beyond round 1's
-            assert set(b["tried"]) - {1e-3, 1e-2} <= {3e-4, 3e-2}, rates
+        if b["tried"] != [3e-3, 1e-2]:  # widened: the new rate is one ladder step beyond round 1's
+            assert set(b["tried"]) - {3e-3, 1e-2} <= {1e-3, 3e-2}, rates
             assert list((root / "lr" / "round2").glob("*/*/results.json")), rates
         # the grid ran the other rank at both seeds, and rank 4 only at the second seed (the first
         # is the lr phase's run), all at the chosen rate
