@@ -137,7 +137,8 @@ def decide(outcomes: Mapping[float, Outcome], min_lr: float = MIN_LR, max_lr: fl
     1e-1 the next rate tried above: the best may lie between), asks for the ladder's next rate on
     that side; past ``min_lr``/``max_lr`` a missing neighbour makes the choice an edge. When every
     rate diverged, the next rate is one step below the lowest tried."""
-    tried = sorted(float(x) for x in outcomes)
+    outcomes = {float(lr): o for lr, o in outcomes.items()}
+    tried = sorted(outcomes)
     if not tried:
         raise ValueError("no rates tried")
     finite = {float(lr): float(o) for lr, o in outcomes.items() if o != DIVERGED}
@@ -151,8 +152,8 @@ def decide(outcomes: Mapping[float, Outcome], min_lr: float = MIN_LR, max_lr: fl
     chosen = min(finite, key=lambda lr: (finite[lr], lr))
     below = [lr for lr in tried if lr < chosen]
     above = [lr for lr in tried if lr > chosen]
-    lower = Neighbour(below[-1], outcomes_get(outcomes, below[-1])) if below else None
-    upper = Neighbour(above[0], outcomes_get(outcomes, above[0])) if above else None
+    lower = Neighbour(below[-1], outcomes[below[-1]]) if below else None
+    upper = Neighbour(above[0], outcomes[above[0]]) if above else None
     nxt, limits, gaps = [], [], []
     down, up = step_down(chosen), step_up(chosen)
     if lower is None or lower.lr < down * (1 - 1e-9):  # none, or more than one ladder step away
@@ -174,13 +175,6 @@ def decide(outcomes: Mapping[float, Outcome], min_lr: float = MIN_LR, max_lr: fl
     if nxt:
         return Bracket(chosen, finite[chosen], lower, upper, tried, "widen", nxt, why="; ".join(gaps))
     return Bracket(chosen, finite[chosen], lower, upper, tried, "bracketed")
-
-
-def outcomes_get(outcomes: Mapping[float, Outcome], lr: float) -> Outcome:
-    for k, v in outcomes.items():
-        if float(k) == lr:
-            return v
-    raise KeyError(lr)
 
 
 def give_up(b: Bracket, why: str) -> Bracket:
