@@ -75,21 +75,16 @@ def wait(sweep_dirs: list[Path], poll_s: float = 20.0) -> None:
 def outcomes(folders: list[Path], rank: int) -> dict[tuple[str, str], dict[float, object]]:
     """(task, preset) -> {rate: outcome} of the runs at ``rank`` below ``folders`` (the best
     validation loss, or "diverged"; runs without a validation loss are left out)."""
-    from tiedlora.lr_bracket import mean_outcome, outcome_of
+    from tiedlora.lr_bracket import outcomes_by
     from tiedlora.report import load_results
 
-    by: dict[tuple[str, str], dict[float, list]] = {}
-    for r in load_results([f for f in folders if f.exists()]):
-        o = outcome_of(r)
-        if r.get("rank") != rank or o is None or r.get("lr") is None:
-            continue
-        by.setdefault((r["task"], r["preset"]), {}).setdefault(float(r["lr"]), []).append(o)
-    return {k: {lr: mean_outcome(v) for lr, v in d.items()} for k, d in by.items()}
+    runs = [r for r in load_results([f for f in folders if f.exists()]) if r.get("rank") == rank]
+    return outcomes_by(runs, lambda r: (r["task"], r["preset"]))
 
 
 def choose_rates(a, tasks: list[str], presets: list[str], seed: str, extra: list[str], submit=None, wait=None):
     """The lr phase in rounds (module docstring). Returns ({(task, preset): Bracket}, the round
-    folders), or an int exit status when no rate could be chosen."""
+    folders); the dict is empty when no run has a validation loss to choose on."""
     from tiedlora.lr_bracket import decide, fmt, give_up
 
     submit, wait = submit or globals()["submit"], wait or globals()["wait"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Union
 
 DIVERGED = "diverged"
 Outcome = Union[float, str]  # best validation loss, or DIVERGED
@@ -79,6 +79,20 @@ def mean_outcome(outcomes: Sequence[Outcome]) -> Outcome:
     if any(o == DIVERGED for o in outcomes):
         return DIVERGED
     return sum(outcomes) / len(outcomes)
+
+
+def outcomes_by(results: Iterable[Mapping], key: Callable[[Mapping], Hashable]) -> Dict[Hashable, Dict[float, Outcome]]:
+    """Runs (results.json dicts carrying their ``lr``) grouped by ``key(run)``, then by rate:
+    ``{key: {rate: outcome}}``, seeds averaged by :func:`mean_outcome`. Runs without a rate or
+    an outcome (no validation loss) are left out."""
+    by: Dict[Hashable, Dict[float, list]] = {}
+    for r in results:
+        o = outcome_of(r)
+        lr = r.get("lr")
+        if o is None or isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            continue
+        by.setdefault(key(r), {}).setdefault(float(lr), []).append(o)
+    return {k: {lr: mean_outcome(v) for lr, v in d.items()} for k, d in by.items()}
 
 
 @dataclass

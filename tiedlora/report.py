@@ -194,12 +194,17 @@ def _select_lr(runs: List[dict]) -> Tuple[List[dict], Optional[float], List[floa
     return by_lr[best], best, lrs
 
 
+def _cell_key(r: dict) -> tuple:
+    """(task, model, preset, rank) of a run."""
+    return (str(r.get("task", "?")), str(r.get("model", "?")), str(r.get("preset", "?")), int(r.get("rank", 0)))
+
+
 def build_cells(rows: List[dict]) -> Dict[tuple, Cell]:
     cells: Dict[tuple, Cell] = {}
     for r in rows:
         if r.get("metrics") is None or diverged_at(r):
             continue  # diverged, or trained but not evaluated: counted as missing, not as a number
-        key = (str(r.get("task", "?")), str(r.get("model", "?")), str(r.get("preset", "?")), int(r.get("rank", 0)))
+        key = _cell_key(r)
         cells.setdefault(key, Cell(*key)).runs.append(r)
     for c in cells.values():
         chosen, c.lr, c.lrs = _select_lr(c.runs)
@@ -447,16 +452,9 @@ def missing_tables(missing: List[Missing]) -> Tuple[str, str]:
 def learning_rates(rows: List[dict]) -> List[Tuple[tuple, "Bracket"]]:
     """Every cell whose runs tried two rates or more: its choice, with the tried rates beside it
     and their validation losses (tiedlora.lr_bracket; seeds averaged, a diverged one diverges)."""
-    from tiedlora.lr_bracket import decide, mean_outcome, outcome_of
+    from tiedlora.lr_bracket import decide, outcomes_by
 
-    by: Dict[tuple, Dict[float, list]] = {}
-    for r in rows:
-        o = outcome_of(r)
-        if o is None or not isinstance(r.get("lr"), (int, float)):
-            continue
-        key = (str(r.get("task", "?")), str(r.get("model", "?")), str(r.get("preset", "?")), int(r.get("rank", 0)))
-        by.setdefault(key, {}).setdefault(float(r["lr"]), []).append(o)
-    out = [(k, decide({lr: mean_outcome(v) for lr, v in d.items()})) for k, d in by.items() if len(d) > 1]
+    out = [(k, decide(d)) for k, d in outcomes_by(rows, _cell_key).items() if len(d) > 1]
     return sorted(out, key=lambda kb: (kb[0][0], kb[0][1], _preset_key(kb[0][2]), kb[0][3]))
 
 
