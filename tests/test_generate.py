@@ -110,6 +110,60 @@ def test_mixed_length_batches_decode_like_each_prompt_alone(bases, base, name):
     assert len({tuple(t) for t in alone}) > len(prompts) // 2, "outputs barely depend on the prompt"
 
 
+@pytest.mark.parametrize("base, name", [(b, n) for b in ("mini", "llama", "absolute") for n in ("lora", "vera", "tl6")])
+def test_prompts_prefilled_in_several_passes_decode_like_each_prompt_alone(bases, base, name, monkeypatch):
+    """With ``pass_tokens`` small, each batch's prompts run into the KV cache in several
+    passes (single rows and padded groups, each written at its own offset): every prompt
+    still decodes what it decodes alone, and without the padding mask (the cache positions
+    a pass never writes become visible) the padded prompts do not. The cache is allocated
+    NaN-filled here, as uninitialised memory may be: the positions never written must not
+    reach the output."""
+    from megatron.core.transformer.attention import Attention
+
+    make, vocab = bases[base]
+    model = make(name)
+    allocate = Attention._allocate_memory
+    monkeypatch.setattr(Attention, "_allocate_memory", lambda self, *a: allocate(self, *a).fill_(float("nan")))
+    prompts = _prompts(vocab)
+    split = []
+    real_passes = generate._passes
+    monkeypatch.setattr(generate, "_passes", lambda lengths, cap: split.append(real_passes(lengths, cap)) or split[-1])
+    batched = greedy_generate(model, prompts, NEW_TOKENS, eos_id=-1, vocab_size=vocab, batch_size=BATCH,
+                              pass_tokens=50)
+    assert any(len(p) > 1 for p in split) and any(r1 - r0 > 1 for p in split for r0, r1 in p), split
+    assert batched == _alone(model, prompts, vocab, eos_id=-1)
+    padded, _ = _padded_rows(prompts)
+    monkeypatch.setattr(generate, "left_padding_mask", _causal_only)
+    broken = greedy_generate(model, prompts, NEW_TOKENS, eos_id=-1, vocab_size=vocab, batch_size=BATCH,
+                             pass_tokens=50)
+    assert sum(broken[i] != batched[i] for i in padded) >= len(padded) // 2
+
+
+def test_passes_are_the_cheapest_split_within_the_cap():
+    """The split equals the best of every contiguous split by brute force (padded tokens
+    plus PASS_COST per pass, no pass over the cap unless it holds one row)."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        lengths = sorted(torch.randint(1, 300, (n,), generator=g).tolist(), reverse=trial % 3 != 0)
+        cap = int(torch.randint(1, 1200, (1,), generator=g))
+
+        def cost(ranges):
+            sizes = [(r1 - r0) * max(lengths[r0:r1]) for r0, r1 in ranges]
+            if any(t > cap and r1 - r0 > 1 for t, (r0, r1) in zip(sizes, ranges)):
+                return float("inf")
+            return sum(sizes) + generate.PASS_COST * len(ranges)
+
+        best = min(cost(list(zip((0,) + cuts, cuts + (n,))))
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        got = generate._passes(lengths, cap)
+        assert [r for p in got for r in range(*p)] == list(range(n))
+        assert cost(got) == best, (lengths, cap, got)
+    assert generate._passes([5000, 10, 9], 1024) == [(0, 1), (1, 3)]  # a row over the cap runs alone
+
+
 def _causal_only(pad, sq, sk):
     """The padding mask with the padding left visible: causal only."""
     a = torch.arange(sk - sq, sk).view(1, sq, 1)
@@ -262,6 +316,8 @@ def test_bad_arguments(mp1):
     model = build(preset("tl6"))
     with pytest.raises(ValueError, match="batch_size=0"):
         greedy_generate(model, [[1]], 2, eos_id=-1, vocab_size=VOCAB, batch_size=0)
+    with pytest.raises(ValueError, match="pass_tokens=0"):
+        choice_logprobs(model, [([1], [[2]])], VOCAB, pass_tokens=0)
     with pytest.raises(ValueError, match="empty prompt"):
         greedy_generate(model, [[1], []], 2, eos_id=-1, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="question 1, choice 0 has no tokens"):
@@ -287,8 +343,8 @@ def test_continuation_logprobs_match_manual(mp1):
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("batch_size", [5, 16])
-def test_choices_batched_equal_one_question_per_pass(bases, batch_size):
+@pytest.mark.parametrize("batch_size, pass_tokens", [(5, 1024), (16, 1024), (16, 12)])
+def test_choices_batched_equal_one_question_per_pass(bases, batch_size, pass_tokens, monkeypatch):
     """Several questions per forward pass (sorted by length, right-padded) score every
     choice as one question per pass does, within the fp32 bound: both sides run the same
     model on other batch shapes, so each logit differs by at most the forward pass's bound
@@ -304,8 +360,16 @@ def test_choices_batched_equal_one_question_per_pass(bases, batch_size):
         conts = [torch.randint(0, vocab, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
                  for _ in range(k)]
         questions.append((prompt, conts))
-    assert sum(len(cs) for _, cs in questions) > batch_size  # several passes, several questions each
-    got = choice_logprobs(model, questions, vocab, batch_size=batch_size)
+    questions.append(([5, 9, 2], [[7], [8], [11]]))  # single-token choices only: no pass over the choices
+    assert sum(len(cs) for _, cs in questions) > batch_size  # several batches, several questions each
+    split = []
+    real_passes = generate._passes
+    monkeypatch.setattr(generate, "_passes", lambda lengths, cap: split.append(real_passes(lengths, cap)) or split[-1])
+    if pass_tokens < 20:  # prompts and choices each in several passes, logits a few positions at a time
+        monkeypatch.setattr(generate, "LOGIT_ROWS", 3)
+    got = choice_logprobs(model, questions, vocab, batch_size=batch_size, pass_tokens=pass_tokens)
+    if pass_tokens < 20:
+        assert sum(len(p) > 1 for p in split) >= 4, split
     longest = max(len(p) + len(c) for p, cs in questions for c in cs)
     net = Net.of(_mini_cfg(), seq=longest, rank=8)
     for (prompt, conts), scores in zip(questions, got):

@@ -11,8 +11,19 @@ Greedy decoding of prompts of any lengths (:func:`greedy_generate`)::
     batch (left-padded to its longest prompt, pad[i] = longest - len(prompt i)):
         row 0   p p p a b c d          positions   0 0 0 0 1 2 3
         row 1   e f g h i j k                      0 1 2 3 4 5 6
-    prefill: one forward pass over the batch, mask = left_padding_mask(pad, s, s)
+    prefill: the rows in passes of similar length (:func:`_passes`); a pass is padded only
+             to its own longest prompt (m tokens) and writes the shared KV cache at its
+             rows, positions s - m .. s - 1; mask = left_padding_mask(pad[pass], m, s)
     step t:  the new token of every row, mask = left_padding_mask(pad, 1, s + t), the KV cache
+
+Prefill is most of the work of a short completion. Run as one pass over the batch it
+computes every row's padding up to the batch's longest prompt, in activations as large as
+the batch. :func:`_passes` splits the length-sorted rows where that costs least: padded
+tokens plus ``PASS_COST`` tokens per pass (a pass reads every weight once, whatever its
+size), at most ``pass_tokens`` padded tokens each (on a CPU its activations then stay in
+cache and in the allocator's reused memory). Every decode step still runs the whole batch.
+The cache starts zero-filled, so positions a pass never writes (before its own longest
+prompt) are finite, and they are masked.
 
 A row's rotary positions start at its first real token (megatron's rotary table is
 replaced, for the batch, by one row per sequence: :class:`_RowRotary`) and its padding
@@ -22,12 +33,15 @@ tokens are dropped) until every row has, or ``max_new_tokens`` are reached.
 
 Multiple-choice scoring (:func:`choice_logprobs`): questions sorted by prompt length,
 several per batch (at most ``batch_size`` choices). The prompts of a batch run once, left
-padded as above, and fill the KV cache; the cache of each question is copied once per
-choice, and every choice of the batch runs in one right-padded pass over its question's
-cache, rotated and masked as the decode steps are. Only the positions that predict a choice
-token reach the output layer. A prompt is computed once instead of once per choice, and
-the scores equal one question per forward pass (:func:`continuation_logprobs`, the
-reference) within fp32 rounding.
+padded and in passes as above, and fill the KV cache; the cache of each question is copied
+once per choice. The choices, sorted by length, run over their questions' caches in passes
+split the same way, right-padded, rotated and masked as the decode steps are; a choice of
+n tokens feeds its first n - 1 (the last predicts nothing). Only the positions that predict
+a choice token reach the output layer, ``LOGIT_ROWS`` at a time, and a token's
+log-probability is its logit minus the log-sum-exp of its row: no [tokens, vocab] tensor
+is built for a whole pass. A prompt is
+computed once instead of once per choice, and the scores equal one question per forward
+pass (:func:`continuation_logprobs`, the reference) within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -42,6 +56,9 @@ from tiedlora import compat
 from tiedlora.models.attention import left_padding_mask, mask_honouring_cores
 
 PAD_ID = 0  # the id left padding uses: any id of the vocabulary (padding keys are masked)
+PASS_TOKENS = 1024  # padded tokens per prefill or scoring pass, at most (module docstring)
+PASS_COST = 64  # what one more forward pass costs, in padded tokens (it reads every weight once)
+LOGIT_ROWS = 64  # positions per output-layer call when scoring choices
 
 
 def _positions(b: int, start: int, n: int, device) -> torch.Tensor:
@@ -52,6 +69,13 @@ def _row_positions(pad: torch.Tensor, start: int, count: int) -> torch.Tensor:
     """Position ids [b, count] of tokens start..start+count-1 of left-padded rows, counted
     from each row's first real token (0 on padding)."""
     return (_positions(len(pad), start, count, pad.device) - pad.unsqueeze(1)).clamp(min=0)
+
+
+def _check_arguments(batch_size: int, pass_tokens: int):
+    _check_single_stage()
+    for name, value in (("batch_size", batch_size), ("pass_tokens", pass_tokens)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: must be >= 1")
 
 
 def _check_single_stage():
@@ -167,6 +191,33 @@ def _without_sequence_parallel(model):
 
 
 @contextmanager
+def _zero_filled_cache(model):
+    """Within the block, megatron's static KV cache is allocated zero-filled (it is
+    ``torch.empty``): positions a prefill group never writes are masked, and a masked key
+    or value must still be finite (0 x NaN is NaN in the attention's weighted sum)."""
+    from megatron.core.transformer.attention import Attention
+
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    try:
+        for attn in attentions:
+            attn._allocate_memory = lambda *args, _alloc=attn._allocate_memory: _alloc(*args).zero_()
+        yield
+    finally:
+        for attn in attentions:
+            attn.__dict__.pop("_allocate_memory", None)
+
+
+@contextmanager
+def _inference(model):
+    """Everything decoding and scoring change in the model for their duration: cores that
+    honour the padding mask, no sequence parallelism, keys rotated once and a zero-filled
+    KV cache."""
+    with mask_honouring_cores(model), _without_sequence_parallel(model), _keys_rotated_once(model), \
+            _zero_filled_cache(model):
+        yield
+
+
+@contextmanager
 def _left_padded(model, pad: torch.Tensor):
     """Within the block, ``model`` rotates row i from its first real token (pad[i])."""
     inner = getattr(model, "rotary_pos_emb", None) if model.position_embedding_type == "rope" else None
@@ -180,14 +231,63 @@ def _left_padded(model, pad: torch.Tensor):
         model.rotary_pos_emb = inner
 
 
+def _passes(lengths: Sequence[int], max_tokens: int) -> List[Tuple[int, int]]:
+    """Consecutive row ranges [r0, r1) to run as one pass each, padded to the range's
+    longest row: the split with the least padded tokens plus PASS_COST per pass, each pass
+    at most ``max_tokens`` padded tokens (a longer row alone). Exact over the rows' order
+    (rows sorted by length make it the best split overall)."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of rows 0..j-1
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = 0
+        for i in range(j - 1, -1, -1):
+            longest = max(longest, lengths[i])
+            tokens = (j - i) * longest
+            if tokens > max_tokens and j - i > 1:
+                break
+            if best[i] + tokens + PASS_COST < best[j]:
+                best[j], cut[j] = best[i] + tokens + PASS_COST, i
+    ranges, j = [], n
+    while j > 0:
+        ranges.append((cut[j], j))
+        j = cut[j]
+    return ranges[::-1]
+
+
+def _prefill(model, ctx, seq: torch.Tensor, lengths: Sequence[int], max_tokens: int) -> torch.Tensor:
+    """Run the prompts left-padded in ``seq`` [b, n] (row i's real tokens are its last
+    lengths[i]) into ``ctx``'s KV cache in passes of similar length (module docstring);
+    the logits [b, vocab] at each row's last position."""
+    n = seq.size(1)
+    pad = torch.tensor([n - k for k in lengths], device=seq.device)
+    last = []
+    for r0, r1 in _passes(lengths, max_tokens):
+        m, gpad = max(lengths[r0:r1]), pad[r0:r1]
+        ctx.batch_size_offset, ctx.sequence_len_offset = r0, n - m
+        with _left_padded(model, gpad):
+            last.append(model(seq[r0:r1, n - m:], _row_positions(gpad, n - m, m), left_padding_mask(gpad, m, n),
+                              inference_context=ctx, runtime_gather_output=True)[:, -1])
+    ctx.batch_size_offset = 0
+    return torch.cat(last)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, without materialising the log-softmax of the
+    whole vocabulary (a [tokens, vocab] tensor as large as the logits)."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 @torch.no_grad()
 def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
-                  vocab_size: int, use_cache: bool) -> List[List[int]]:
+                  vocab_size: int, use_cache: bool, pass_tokens: int) -> List[List[int]]:
     from megatron.core.inference.contexts import StaticInferenceContext
 
     dev = compat.default_device()
-    b, n = len(prompts), max(len(p) for p in prompts)
-    pad = torch.tensor([n - len(p) for p in prompts], device=dev)
+    lengths = [len(p) for p in prompts]
+    b, n = len(prompts), max(lengths)
+    pad = torch.tensor([n - k for k in lengths], device=dev)
     seq = torch.full((b, n), PAD_ID, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):
         seq[i, n - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=dev)
@@ -195,10 +295,13 @@ def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     steps = 0
+    if use_cache:
+        ctx = StaticInferenceContext(b, n + max_new_tokens)
+        logits = _prefill(model, ctx, seq, lengths, pass_tokens).unsqueeze(1)
+    else:
+        with _left_padded(model, pad):
+            logits = model(seq, _row_positions(pad, 0, n), left_padding_mask(pad, n, n), runtime_gather_output=True)
     with _left_padded(model, pad):
-        ctx = StaticInferenceContext(b, n + max_new_tokens) if use_cache else None
-        logits = model(seq, _row_positions(pad, 0, n), left_padding_mask(pad, n, n), inference_context=ctx,
-                       runtime_gather_output=True)
         for step in range(max_new_tokens):
             nxt = logits[:, -1, :vocab_size].argmax(-1)
             out[:, step] = nxt
@@ -224,13 +327,12 @@ def _greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
                     vocab_size: int, batch_size: int = 16, use_cache: bool = True,
-                    progress: Optional[str] = None) -> List[List[int]]:
+                    progress: Optional[str] = None, pass_tokens: int = PASS_TOKENS) -> List[List[int]]:
     """Greedy continuation of each prompt (EOS and anything after it removed), decoded in
-    batches of ``batch_size`` prompts of similar length (module docstring). ``progress``:
-    a description for a progress bar over the batches (None: no bar)."""
-    _check_single_stage()
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    batches of ``batch_size`` prompts of similar length, their prompts run in groups of at
+    most ``pass_tokens`` padded tokens (module docstring). ``progress``: a description
+    for a progress bar over the batches (None: no bar)."""
+    _check_arguments(batch_size, pass_tokens)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: an empty prompt (nothing to continue from)")
     was_training = model.training
@@ -238,11 +340,11 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: List[List[int]] = [[] for _ in prompts]
     try:
-        with mask_honouring_cores(model), _without_sequence_parallel(model), _keys_rotated_once(model):
+        with _inference(model):
             for k in _batches(len(order), batch_size, progress):
                 chunk = order[k:k + batch_size]
                 outs = _greedy_batch(model, [prompts[i] for i in chunk], max_new_tokens, eos_id, vocab_size,
-                                     use_cache)
+                                     use_cache, pass_tokens)
                 for i, toks in zip(chunk, outs):
                     results[i] = toks
     finally:
@@ -251,62 +353,76 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
 
 @contextmanager
-def _logits_at(model, rows: torch.Tensor, cols: torch.Tensor):
-    """Within the block, the output layer sees only the hidden states of (row, position)
-    pairs ``rows``, ``cols``: the model returns logits [1, n, vocab] for those n positions
-    (scoring needs a few positions of each sequence, not [b, s, vocab])."""
+def _target_logprobs_at(model, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, vocab_size: int):
+    """Within the block, the model returns [1, n, 1]: the log-probability of ``targets[k]``
+    at (row, position) ``rows[k], cols[k]``. The output layer sees only those n hidden
+    states, LOGIT_ROWS at a time: scoring needs a few positions of each sequence, and
+    [n, vocab] logits at once would be a large new tensor for every pass."""
+    layer = model.output_layer
+    forward = layer.forward
 
-    def select(module, args, kwargs):
-        hidden = args[0]  # [s, b, h]
-        return (hidden[cols, rows].unsqueeze(1),) + tuple(args[1:]), kwargs
+    def scored(hidden, *args, **kwargs):  # hidden [s, b, h]
+        picked, out = hidden[cols, rows].unsqueeze(1), []
+        for k in range(0, picked.size(0), LOGIT_ROWS):
+            logits, _ = forward(picked[k:k + LOGIT_ROWS], *args, **kwargs)
+            out.append(_token_logprobs(logits[:, 0, :vocab_size], targets[k:k + LOGIT_ROWS]))
+        return torch.cat(out).view(-1, 1, 1), None
 
-    handle = model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    layer.forward = scored
     try:
         yield
     finally:
-        handle.remove()
+        del layer.forward
 
 
-def _score_questions(model, questions, vocab_size: int) -> List[List[float]]:
-    """Summed log-probabilities of every choice of a few questions: their prompts in one
-    left-padded pass that fills the KV cache, then every choice in one right-padded pass
-    over its own question's cache (module docstring)."""
+def _score_questions(model, questions, vocab_size: int, max_tokens: int) -> List[List[float]]:
+    """Summed log-probabilities of every choice of a few questions: their prompts run into
+    the KV cache, then every choice over its own question's cache, in passes of choices of
+    similar length (module docstring)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     dev = compat.default_device()
     prompts = [list(p) for p, _ in questions]
     conts = [list(c) for _, cs in questions for c in cs]
     owner = torch.tensor([q for q, (_, cs) in enumerate(questions) for _ in cs], device=dev)
-    n_p, n_c = max(len(p) for p in prompts), max(len(c) for c in conts)
-    pad = torch.tensor([n_p - len(p) for p in prompts], device=dev)
+    lengths = [len(p) for p in prompts]
+    n_p, n_c = max(lengths), max(len(c) for c in conts)
+    pad = torch.tensor([n_p - k for k in lengths], device=dev)
     x = torch.full((len(prompts), n_p), PAD_ID, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):
         x[i, n_p - len(p):] = torch.as_tensor(p, dtype=torch.long, device=dev)
     ctx = StaticInferenceContext(len(prompts), n_p + n_c)
-    with _left_padded(model, pad):  # the prompts; the last position predicts each choice's first token
-        first = model(x, _row_positions(pad, 0, n_p), left_padding_mask(pad, n_p, n_p), inference_context=ctx,
-                      runtime_gather_output=True)[:, -1, :vocab_size]
-    targets = torch.tensor([c[0] for c in conts], device=dev)
-    scores = F.log_softmax(first.float(), dim=-1)[owner].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    # positions j = 0 .. len(c) - 2 of a choice predict its token j + 1
-    rows = torch.tensor([r for r, c in enumerate(conts) for _ in c[1:]], dtype=torch.long, device=dev)
-    if len(rows):
-        cols = torch.tensor([j for c in conts for j in range(len(c) - 1)], dtype=torch.long, device=dev)
-        nxt = torch.tensor([t for c in conts for t in c[1:]], dtype=torch.long, device=dev)
-        for layer, (k, v) in ctx.key_value_memory_dict.items():  # one copy of its prompt's cache per choice
-            ctx.key_value_memory_dict[layer] = (k.index_select(1, owner), v.index_select(1, owner))
-        ctx.max_batch_size, ctx.sequence_len_offset = len(conts), n_p
-        ctx.materialize_only_last_token_logits = False
-        y = torch.full((len(conts), n_c), PAD_ID, dtype=torch.long, device=dev)
-        for i, c in enumerate(conts):
-            y[i, :len(c)] = torch.as_tensor(c, dtype=torch.long, device=dev)
-        rpad = pad[owner]
-        with _left_padded(model, rpad), _logits_at(model, rows, cols):
-            logits = model(y, _row_positions(rpad, n_p, n_c), left_padding_mask(rpad, n_c, n_p + n_c),
-                           inference_context=ctx, runtime_gather_output=True)[0, :, :vocab_size]
-        picked = F.log_softmax(logits.float(), dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-        scores = scores.index_add(0, rows, picked)
-    flat = scores.tolist()
+    first = _prefill(model, ctx, x, lengths, max_tokens)[:, :vocab_size]  # predicts each choice's first token
+    scores = _token_logprobs(first[owner], torch.tensor([c[0] for c in conts], device=dev))
+    # choice r's tokens 0 .. len - 2 predict its tokens 1 .. len - 1: its rows sorted by
+    # that length (longest first), each with a copy of its question's cache
+    order = sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: -len(conts[r]))
+    if not order:
+        return _per_question(scores.tolist(), questions)
+    sorted_owner = owner[order]
+    for layer, (k, v) in ctx.key_value_memory_dict.items():
+        ctx.key_value_memory_dict[layer] = (k.index_select(1, sorted_owner), v.index_select(1, sorted_owner))
+    ctx.max_batch_size, ctx.materialize_only_last_token_logits = len(order), False
+    fed = [len(conts[r]) - 1 for r in order]
+    for r0, r1 in _passes(fed, max_tokens):
+        m, rows = fed[r0], order[r0:r1]
+        y = torch.full((len(rows), m), PAD_ID, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            y[i, :fed[r0 + i]] = torch.as_tensor(conts[r][:-1], dtype=torch.long, device=dev)
+        at_row = torch.tensor([i for i in range(len(rows)) for _ in range(fed[r0 + i])], device=dev)
+        at_col = torch.tensor([j for i in range(len(rows)) for j in range(fed[r0 + i])], device=dev)
+        nxt = torch.tensor([t for r in rows for t in conts[r][1:]], device=dev)
+        rpad = pad[sorted_owner[r0:r1]]
+        ctx.batch_size_offset, ctx.sequence_len_offset = r0, n_p
+        with _left_padded(model, rpad), _target_logprobs_at(model, at_row, at_col, nxt, vocab_size):
+            picked = model(y, _row_positions(rpad, n_p, m), left_padding_mask(rpad, m, n_p + m),
+                           inference_context=ctx, runtime_gather_output=True)[0, :, 0]
+        scores = scores.index_add(0, torch.tensor(rows, device=dev)[at_row], picked)
+    ctx.batch_size_offset = 0
+    return _per_question(scores.tolist(), questions)
+
+
+def _per_question(flat: List[float], questions) -> List[List[float]]:
     out, at = [], 0
     for _, cs in questions:
         out.append(flat[at:at + len(cs)])
@@ -316,13 +432,13 @@ def _score_questions(model, questions, vocab_size: int) -> List[List[float]]:
 
 @torch.no_grad()
 def choice_logprobs(model, questions: Sequence[Tuple[Sequence[int], Sequence[Sequence[int]]]],
-                    vocab_size: int, batch_size: int = 16, progress: Optional[str] = None) -> List[List[float]]:
+                    vocab_size: int, batch_size: int = 16, progress: Optional[str] = None,
+                    pass_tokens: int = PASS_TOKENS) -> List[List[float]]:
     """For each ``(prompt, continuations)``, the summed log-probability of every
     continuation given the prompt. Questions are sorted by prompt length and scored
-    several at a time, at most ``batch_size`` continuations per batch (module docstring)."""
-    _check_single_stage()
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    several at a time, at most ``batch_size`` continuations per batch, in forward passes
+    of at most ``pass_tokens`` padded tokens (module docstring)."""
+    _check_arguments(batch_size, pass_tokens)
     for qi, (prompt, conts) in enumerate(questions):
         if not prompt:
             raise ValueError(f"choice_logprobs: question {qi} has an empty prompt")
@@ -342,10 +458,10 @@ def choice_logprobs(model, questions: Sequence[Tuple[Sequence[int], Sequence[Seq
     was_training = model.training
     model.eval()
     try:
-        with mask_honouring_cores(model), _without_sequence_parallel(model), _keys_rotated_once(model):
+        with _inference(model):
             for k in _batches(len(batches) if order else 0, 1, progress):
                 qs = batches[k]
-                for q, s in zip(qs, _score_questions(model, [questions[q] for q in qs], vocab_size)):
+                for q, s in zip(qs, _score_questions(model, [questions[q] for q in qs], vocab_size, pass_tokens)):
                     scores[q] = s
     finally:
         model.train(was_training)
