@@ -7,6 +7,9 @@ VENV      ?= .venv
 # elsewhere it is PyPI's CUDA build of the same release, the one torch CI tests
 # (docs/versions.md). The NGC container brings its own torch: install there with --no-deps.
 TORCH_SPEC ?= torch==2.13.0
+# Test worker processes (pytest-xdist), each taking whole test files (module fixtures are
+# built once); 2 uses both cores of our CI machines. TEST_JOBS=0 runs in this process.
+TEST_JOBS ?= 2
 BIN       := $(VENV)/bin
 
 .PHONY: venv demo test test-slow params bench clean
@@ -25,10 +28,10 @@ demo: venv
 	$(BIN)/python -m tiedlora.finetune $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 test-slow: venv
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m slow $(ARGS)
 
 params: venv
 	$(BIN)/python -m tiedlora.params all=true $(ARGS)

@@ -2,7 +2,10 @@ import os
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# 2 threads for the test process; 1 in each of several pytest-xdist workers (`make test`
+# runs two on two cores: more threads than cores made every worker slower).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", "1" if _WORKERS > 1 else "2")
 if os.environ.get("TIEDLORA_TEST_THREADS"):  # the numerics matrix: every process with this many
     os.environ["OMP_NUM_THREADS"] = os.environ["TIEDLORA_TEST_THREADS"]
     import torch

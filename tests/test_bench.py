@@ -1,5 +1,6 @@
 """bench/step_time.py, bench/adapter_ops.py, bench/vs_peft.py, bench/eval_speed.py and
-bench/packing.py run and report every configuration (smoke runs, not timings)."""
+bench/packing.py run and report every configuration (smoke runs, not timings). Each starts
+fresh processes (torch and megatron imports): marked slow, run by .ci/run (make test-slow)."""
 
 import json
 import subprocess
@@ -8,6 +9,8 @@ import sys
 import pytest
 
 from helpers import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_step_time_bench_smoke():
@@ -35,7 +38,6 @@ def test_adapter_ops_bench_smoke():
     assert "floor step (whole model, seq 64, batch 1)" in res.stdout
 
 
-@pytest.mark.slow  # 5 fresh processes (torch + megatron / transformers imports): minutes on a busy CPU
 def test_vs_peft_bench_smoke(tmp_path):
     out = tmp_path / "vs_peft.json"
     res = subprocess.run([sys.executable, "bench/vs_peft.py", "--tiny", "--methods", "hf-lora,tl6",
@@ -67,8 +69,7 @@ def test_eval_speed_bench_smoke(tmp_path):
     assert "same choice picked: 100%" in res.stdout and "targets" in res.stdout
 
 
-@pytest.mark.parametrize("memory", [
-    False, pytest.param(True, marks=pytest.mark.slow)])  # two more fresh processes (torch + megatron imports)
+@pytest.mark.parametrize("memory", [False, True])
 def test_packing_bench_smoke(tmp_path, memory):
     """bench/packing.py on a 2-layer model: the three configurations and their padding; with
     the peak-memory comparison, each configuration's step in its own process."""

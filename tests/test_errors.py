@@ -384,6 +384,7 @@ def test_finetune_refuses_a_tokenizer_larger_than_the_model(tmp_path, spm, monke
     assert_one_message(status, err, f"has {SPM_VOCAB} tokens but model.vocab_size={SPM_VOCAB - 1}")
 
 
+@pytest.mark.slow  # fresh processes, a run, then each broken file resumed: run by .ci/run (make test-slow)
 def test_resume_from_a_broken_trainer_state_names_the_file(tmp_path, spm):
     """The real resume path: one step of a random-init tiny model, then its trainer state
     is overwritten with text and the rerun must say which file is wrong."""

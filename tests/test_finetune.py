@@ -94,7 +94,8 @@ def test_loss_decreases_over_30_steps(env):
         assert last < 0.5 * first, (name, first, last)
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("packing", [  # unpacked: run by .ci/run (make test-slow)
+    pytest.param(False, marks=pytest.mark.slow), True], ids=["unpacked", "packed"])
 def test_kill_and_resume_is_bit_exact(env, packing):
     common = ["peft=tl6", "trainer.max_steps=12", "checkpoint.every_n_steps=4", *FAST,
               f"data.packing={str(packing).lower()}"]
@@ -149,6 +150,7 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(env):
     assert 3 <= step < MANY_STEPS and f"checkpoint saved at step {step}" in stdout
 
 
+@pytest.mark.slow  # fresh processes, three runs: run by .ci/run (make test-slow)
 def test_loading_adapter_of_another_preset_fails_clearly(env):
     out = env["dir"] / "mismatch"
     finetune(env, "peft=tl6", "trainer.max_steps=2", *FAST, f"output_dir={out}")

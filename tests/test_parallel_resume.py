@@ -91,6 +91,7 @@ def _same_trajectory(records: list) -> list:
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in records]
 
 
+@pytest.mark.slow  # fresh processes, a 2-rank torchrun killed and resumed: run by .ci/run (make test-slow)
 @pytest.mark.dist
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigkilled_torchrun_resumes_with_the_same_losses(setup):

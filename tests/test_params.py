@@ -24,6 +24,7 @@ def test_gpt2b_json_contract(preset, rank, trainable):
     assert out["frozen_params"] > 2_000_000_000  # built on meta: 2B parameters, no memory
 
 
+@pytest.mark.slow  # fresh processes, 36 rows of a 7B model on meta: run by .ci/run (make test-slow)
 def test_all_table_llama():
     rows = json.loads(_run("--all", "model=llama2_7b", "format=json"))
     assert len(rows) == 9 * 4

@@ -10,7 +10,7 @@ injected where they would strike by ``tests/faults.py``.
 
 ``make test`` runs the two cases a user first met (the diverging run, the doubled run), the
 strict-JSON check and the report; the tests marked ``slow`` start several processes each and
-run in CI (``.ci/run``: ``make test-slow ARGS=tests/test_run_failures.py``).
+run in CI (``.ci/run``: ``make test-slow``).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def test_every_json_file_we_write_parses_strictly(diverged, completed):
     assert check_strict_json(completed) >= 12
 
 
-@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow)
 def test_nonfinite_raise_stops_at_the_first_bad_step(tiny_base, tmp_path):
     out = tmp_path / "raise"
     res = finetune(tiny_base, "peft=tl6", "trainer.max_steps=8", *FAST, "checkpoint.every_n_steps=2",
@@ -182,7 +182,7 @@ def test_nonfinite_raise_stops_at_the_first_bad_step(tiny_base, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 
-@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow)
 def test_a_nonfinite_validation_loss_is_never_best_and_overflowed_parameters_are_never_saved(tiny_base, tmp_path):
     """The first validation loss (step 2) is NaN: not best (before, the first check was best
     whatever it was, and nothing finite beats NaN); step 4's is. After step 5 an adapter value
@@ -201,7 +201,7 @@ def test_a_nonfinite_validation_loss_is_never_best_and_overflowed_parameters_are
     assert not (out / "adapter.safetensors").exists()
 
 
-@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow)
 @pytest.mark.numerics  # bit-identical to the undisturbed run under every CPU kernel set
 def test_skipped_steps_survive_a_kill_and_resume_bit_exactly(tiny_base, tmp_path):
     """NaN gradients in steps 3, 8, 9, 10 with max_skipped_steps=3: step 3 is skipped and the run
@@ -222,7 +222,7 @@ def test_skipped_steps_survive_a_kill_and_resume_bit_exactly(tiny_base, tmp_path
     assert a[3]["grad_norm"] is not None and "skipped" not in a[3]  # step 4 trained again
 
 
-@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow)
 def test_a_diverged_job_does_not_stop_a_local_multirun(tiny_base, tmp_path):
     """A learning-rate sweep where one rate diverges: the other job still runs, the comparison
     table shows the diverged one as such, and the multirun exits 4."""
@@ -263,7 +263,7 @@ def test_a_second_run_on_the_same_output_dir_exits_2_naming_the_first(tiny_base,
     assert (out / "config.yaml").stat().st_mtime_ns == config_written  # not rewritten by the second run
 
 
-@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow)
 def test_every_rank_exits_2_together_when_the_folder_is_held(tiny_base, tmp_path):
     """Two ranks (as torchrun or srun start them): rank 0 finds the folder held by a Slurm job,
     both ranks exit 2, and only rank 0 prints the one message."""
@@ -288,7 +288,7 @@ def _two_ranks(env: dict, *args: str, faults: dict | None = None):
     return [p.returncode for p in procs], errs
 
 
-@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow)
 def test_every_rank_exits_5_together_when_rank_0_cannot_write(tiny_base, tmp_path):
     """Data parallel over two ranks; rank 0's checkpoint write meets a full disk: both ranks
     stop with status 5 (rank 1 is not left waiting in the next collective), one message."""
@@ -303,7 +303,7 @@ def test_every_rank_exits_5_together_when_rank_0_cannot_write(tiny_base, tmp_pat
 
 
 # ---------------------------------------------------------------------- a full disk
-@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow ARGS=tests/test_run_failures.py)
+@pytest.mark.slow  # several fresh processes: run by .ci/run (make test-slow)
 @pytest.mark.numerics  # bit-identical to the undisturbed run under every CPU kernel set
 def test_disk_full_while_saving_ends_cleanly_and_the_rerun_resumes(tiny_base, completed, tmp_path):
     """A write that fails with ENOSPC halfway, three times over (a metrics line, a checkpoint's
