@@ -343,15 +343,16 @@ def test_continuation_logprobs_match_manual(mp1):
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("batch_size, pass_tokens", [(5, 1024), (16, 1024), (16, 12)])
-def test_choices_batched_equal_one_question_per_pass(bases, batch_size, pass_tokens, monkeypatch):
+@pytest.mark.parametrize("base, batch_size, pass_tokens", [("mini", 5, 1024), ("mini", 16, 1024), ("mini", 16, 12),
+                                                        ("llama", 16, 12), ("absolute", 16, 12)])
+def test_choices_batched_equal_one_question_per_pass(bases, base, batch_size, pass_tokens, monkeypatch):
     """Several questions per forward pass (sorted by length, right-padded) score every
     choice as one question per pass does, within the fp32 bound: both sides run the same
     model on other batch shapes, so each logit differs by at most the forward pass's bound
     (relative to the largest logit); a log-probability z_t - logsumexp(z) moves by at most
     twice that, and a choice's score sums len(c) of them (plus the log-softmax's and the
     sum's own rounding, relative to the score)."""
-    make, vocab = bases["mini"]
+    make, vocab = bases[base]
     model = make("tl6")
     g = torch.Generator().manual_seed(9)
     questions = []
@@ -366,12 +367,16 @@ def test_choices_batched_equal_one_question_per_pass(bases, batch_size, pass_tok
     real_passes = generate._passes
     monkeypatch.setattr(generate, "_passes", lambda lengths, cap: split.append(real_passes(lengths, cap)) or split[-1])
     if pass_tokens < 20:  # prompts and choices each in several passes, logits a few positions at a time
-        monkeypatch.setattr(generate, "LOGIT_ROWS", 3)
+        monkeypatch.setattr(generate, "LOGIT_ELEMENTS", 3 * vocab)
     got = choice_logprobs(model, questions, vocab, batch_size=batch_size, pass_tokens=pass_tokens)
     if pass_tokens < 20:
         assert sum(len(p) > 1 for p in split) >= 4, split
     longest = max(len(p) + len(c) for p, cs in questions for c in cs)
-    net = Net.of(_mini_cfg(), seq=longest, rank=8)
+    from tiedlora.convert import model_config_from_checkpoint
+
+    cfg = {"mini": _mini_cfg, "absolute": lambda: ABSOLUTE,
+           "llama": lambda: model_config_from_checkpoint(bases["llama_path"])}[base]()
+    net = Net.of(cfg, seq=longest, rank=8)
     for (prompt, conts), scores in zip(questions, got):
         ref = continuation_logprobs(model, prompt, conts, vocab)
         logits = _logits(model, [prompt + c for c in conts])
@@ -379,6 +384,50 @@ def test_choices_batched_equal_one_question_per_pass(bases, batch_size, pass_tok
             assert_close(torch.tensor(s), torch.tensor(r), net.vocab + len(c),
                          f"question of {len(prompt)} tokens, choice of {len(c)} (batch {batch_size})",
                          inherited=2 * len(c) * bound(logits, forward_terms(net)))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("plant", ["choices see each other", "positions run on"])
+def test_the_choice_comparison_fails_when_a_row_of_choices_is_wrong(bases, plant, monkeypatch):
+    """The equality above has teeth where the choices of a question share a row: a choice
+    that attends to the choices before it in its row, or whose positions run on from them
+    instead of starting at its prompt's end, scores otherwise than alone. A row's first
+    choice is unaffected by either."""
+    make, vocab = bases["mini"]
+    model = make("tl6")
+    g = torch.Generator().manual_seed(4)
+    questions = [(torch.randint(0, vocab, (n,), generator=g).tolist(),
+                  [torch.randint(0, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(4)]) for n in (9, 17, 5, 12)]
+    with monkeypatch.context() as m:
+        if plant == "choices see each other":
+            real_mask = generate._choice_mask
+            m.setattr(generate, "_choice_mask", lambda pad, seg, n_p: real_mask(pad, seg.clamp(max=0), n_p))
+        else:
+            real_rows = generate._choice_rows
+
+            def run_on(questions, lengths, n_p, n_c, dev):
+                y, seg, slots, at = real_rows(questions, lengths, n_p, n_c, dev)
+                for q, (_, cs) in enumerate(questions):
+                    k = sum(len(c) - 1 for c in cs)
+                    slots[q, n_p:n_p + k] = torch.arange(lengths[q], lengths[q] + k)
+                return y, seg, slots, at
+
+            m.setattr(generate, "_choice_rows", run_on)
+        got = choice_logprobs(model, questions, vocab, batch_size=16)
+    net = Net.of(_mini_cfg(), seq=40, rank=8)
+    moved = []
+    for (prompt, conts), scores in zip(questions, got):
+        ref = continuation_logprobs(model, prompt, conts, vocab)
+        logits = _logits(model, [prompt + c for c in conts])
+        for j, (c, s, r) in enumerate(zip(conts, scores, ref)):
+            try:
+                assert_close(torch.tensor(s), torch.tensor(r), net.vocab + len(c), "score",
+                             inherited=2 * len(c) * bound(logits, forward_terms(net)))
+            except AssertionError:
+                moved.append(j)
+    assert 0 not in moved, moved
+    assert len(moved) == 12, moved  # every later choice of every row (each has 2 or more tokens)
 
 
 def _logits(model, seqs):

@@ -33,15 +33,21 @@ tokens are dropped) until every row has, or ``max_new_tokens`` are reached.
 
 Multiple-choice scoring (:func:`choice_logprobs`): questions sorted by prompt length,
 several per batch (at most ``batch_size`` choices). The prompts of a batch run once, left
-padded and in passes as above, and fill the KV cache; the cache of each question is copied
-once per choice. The choices, sorted by length, run over their questions' caches in passes
-split the same way, right-padded, rotated and masked as the decode steps are; a choice of
-n tokens feeds its first n - 1 (the last predicts nothing). Only the positions that predict
-a choice token reach the output layer, ``LOGIT_ROWS`` at a time, and a token's
+padded and in passes as above, and fill the KV cache. Then each question's choices run
+one after another in one row over its own prompt's cache (no copy of the cache per
+choice, no padding between choices), rows in passes split the same way::
+
+    row q        prompt q (in the cache)   a1  a2  a3  b1  b2  c1  c2  c3
+    positions    0 .. L - 1                L   L+1 L+2 L   L+1 L   L+1 L+2     (L = len(prompt q))
+    mask         a query sees its prompt's real keys and the earlier tokens of its own choice
+
+A choice of n tokens feeds its first n - 1 (the last predicts nothing; the first is
+predicted at the prompt's last position). Only the positions that predict a choice token
+reach the output layer, ``LOGIT_ELEMENTS`` logits at a time, and a token's
 log-probability is its logit minus the log-sum-exp of its row: no [tokens, vocab] tensor
-is built for a whole pass. A prompt is
-computed once instead of once per choice, and the scores equal one question per forward
-pass (:func:`continuation_logprobs`, the reference) within fp32 rounding.
+is built for a whole pass. A prompt is computed once instead of once per choice, and the
+scores equal one question per forward pass (:func:`continuation_logprobs`, the reference)
+within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from tiedlora.models.attention import left_padding_mask, mask_honouring_cores
 PAD_ID = 0  # the id left padding uses: any id of the vocabulary (padding keys are masked)
 PASS_TOKENS = 1024  # padded tokens per prefill or scoring pass, at most (module docstring)
 PASS_COST = 64  # what one more forward pass costs, in padded tokens (it reads every weight once)
-LOGIT_ROWS = 64  # positions per output-layer call when scoring choices
+LOGIT_ELEMENTS = 1 << 24  # logits per output-layer call when scoring choices (64 MB in fp32)
 
 
 def _positions(b: int, start: int, n: int, device) -> torch.Tensor:
@@ -89,26 +95,24 @@ def _check_single_stage():
 
 class _RowRotary(torch.nn.Module):
     """megatron's rotary table [S, 1, 1, d] (one row per position, the same for every
-    sequence) as a table [S, b, 1, d] whose row t of sequence i is position t - pad[i].
+    sequence) as a table [S, b, 1, d] whose row t of sequence i is position slots(S)[t, i].
 
     The values are rows of the original table, so a padded sequence gets bit for bit the
     rotations it gets alone. megatron slices the table along its first dimension (the KV
     cache's offsets) and broadcasts it over the batch, so a per-sequence table fits.
     """
 
-    def __init__(self, inner: torch.nn.Module, pad: torch.Tensor):
+    def __init__(self, inner: torch.nn.Module, slots):
         super().__init__()
         self.inner = inner
-        self.pad = pad
+        self.slots = slots  # S -> LongTensor [S, b]: the position of each slot of each sequence
         self._cache: dict = {}
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         key = (max_seq_len, offset)
         if key not in self._cache:
             emb = self.inner(max_seq_len, offset, packed_seq, cp_group)  # [S, 1, 1, d]
-            idx = (torch.arange(emb.size(0), device=emb.device).unsqueeze(1)
-                   - self.pad.to(emb.device).unsqueeze(0)).clamp_(min=0)  # [S, b]
-            self._cache[key] = emb[:, 0, 0][idx].unsqueeze(2)  # [S, b, 1, d]
+            self._cache[key] = emb[:, 0, 0][self.slots(emb.size(0)).to(emb.device)].unsqueeze(2)  # [S, b, 1, d]
         return self._cache[key]
 
     def get_rotary_seq_len(self, *args, **kwargs) -> int:
@@ -218,17 +222,24 @@ def _inference(model):
 
 
 @contextmanager
-def _left_padded(model, pad: torch.Tensor):
-    """Within the block, ``model`` rotates row i from its first real token (pad[i])."""
+def _rotated_at(model, slots):
+    """Within the block, ``model`` rotates slot t of sequence i as position slots(S)[t, i]
+    (:class:`_RowRotary`)."""
     inner = getattr(model, "rotary_pos_emb", None) if model.position_embedding_type == "rope" else None
     if inner is None:  # learned absolute positions: the position ids carry it
         yield
         return
-    model.rotary_pos_emb = _RowRotary(inner, pad)
+    model.rotary_pos_emb = _RowRotary(inner, slots)
     try:
         yield
     finally:
         model.rotary_pos_emb = inner
+
+
+def _left_padded(model, pad: torch.Tensor):
+    """Within the block, ``model`` rotates row i from its first real token (pad[i])."""
+    return _rotated_at(model, lambda S: (torch.arange(S, device=pad.device).unsqueeze(1)
+                                         - pad.unsqueeze(0)).clamp_(min=0))
 
 
 def _passes(lengths: Sequence[int], max_tokens: int) -> List[Tuple[int, int]]:
@@ -356,16 +367,17 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 def _target_logprobs_at(model, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, vocab_size: int):
     """Within the block, the model returns [1, n, 1]: the log-probability of ``targets[k]``
     at (row, position) ``rows[k], cols[k]``. The output layer sees only those n hidden
-    states, LOGIT_ROWS at a time: scoring needs a few positions of each sequence, and
-    [n, vocab] logits at once would be a large new tensor for every pass."""
+    states, at most LOGIT_ELEMENTS logits at a time: scoring needs a few positions of each
+    sequence, and [n, vocab] logits at once would be a large new tensor for every pass."""
     layer = model.output_layer
     forward = layer.forward
+    step = max(1, LOGIT_ELEMENTS // vocab_size)
 
     def scored(hidden, *args, **kwargs):  # hidden [s, b, h]
         picked, out = hidden[cols, rows].unsqueeze(1), []
-        for k in range(0, picked.size(0), LOGIT_ROWS):
-            logits, _ = forward(picked[k:k + LOGIT_ROWS], *args, **kwargs)
-            out.append(_token_logprobs(logits[:, 0, :vocab_size], targets[k:k + LOGIT_ROWS]))
+        for k in range(0, picked.size(0), step):
+            logits, _ = forward(picked[k:k + step], *args, **kwargs)
+            out.append(_token_logprobs(logits[:, 0, :vocab_size], targets[k:k + step]))
         return torch.cat(out).view(-1, 1, 1), None
 
     layer.forward = scored
@@ -375,10 +387,47 @@ def _target_logprobs_at(model, rows: torch.Tensor, cols: torch.Tensor, targets: 
         del layer.forward
 
 
+def _choice_mask(pad: torch.Tensor, seg: torch.Tensor, n_p: int) -> torch.Tensor:
+    """Boolean mask [b, 1, m, n_p + m] (True = masked out) for choice rows over their
+    prompts' cache: a query sees its prompt's real keys (not the left padding, pad[i]) and
+    the earlier tokens of its own choice (seg [b, m]: the choice each position belongs to,
+    -1 on the right padding), never another choice of its row."""
+    b, m = seg.shape
+    prompt = torch.arange(n_p, device=pad.device).view(1, 1, n_p) < pad.view(-1, 1, 1)
+    causal = torch.ones(m, m, dtype=torch.bool, device=seg.device).tril_()
+    own = (seg.unsqueeze(2) == seg.unsqueeze(1)) & causal  # [b, m, m]; padding sees padding (finite)
+    return torch.cat([prompt.expand(b, m, n_p), ~own], dim=2).unsqueeze(1)
+
+
+def _choice_rows(questions, lengths: Sequence[int], n_p: int, n_c: int, dev):
+    """Row q holds the first len - 1 tokens of each of question q's choices, one after
+    another (a choice's token t predicts its token t + 1). Returns the tokens [b, n_c], each
+    position's choice [b, n_c] (-1: padding), each cache slot's position [b, n_p + n_c]
+    (prompt slots counted from the first real token, a choice's tokens from len(prompt q)
+    on, padding 0) and (row, column, target token, choice) of every token scored there."""
+    b = len(questions)
+    y = torch.full((b, n_c), PAD_ID, dtype=torch.long)
+    seg = torch.full((b, n_c), -1, dtype=torch.long)
+    slots = torch.zeros(b, n_p + n_c, dtype=torch.long)
+    pad = torch.tensor([n_p - k for k in lengths]).unsqueeze(1)
+    slots[:, :n_p] = (torch.arange(n_p).unsqueeze(0) - pad).clamp_(min=0)
+    at, r = [], 0
+    for q, (_, cs) in enumerate(questions):
+        col = 0
+        for c in cs:
+            k = len(c) - 1
+            y[q, col:col + k] = torch.as_tensor(c[:-1], dtype=torch.long)
+            seg[q, col:col + k] = r
+            slots[q, n_p + col:n_p + col + k] = torch.arange(lengths[q], lengths[q] + k)
+            at.extend((q, col + t, c[t + 1], r) for t in range(k))
+            col, r = col + k, r + 1
+    return y.to(dev), seg.to(dev), slots.to(dev), at
+
+
 def _score_questions(model, questions, vocab_size: int, max_tokens: int) -> List[List[float]]:
     """Summed log-probabilities of every choice of a few questions: their prompts run into
-    the KV cache, then every choice over its own question's cache, in passes of choices of
-    similar length (module docstring)."""
+    the KV cache, then each question's choices, one after another in one row over its own
+    prompt's cache, in passes of rows of similar length (module docstring)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     dev = compat.default_device()
@@ -386,38 +435,31 @@ def _score_questions(model, questions, vocab_size: int, max_tokens: int) -> List
     conts = [list(c) for _, cs in questions for c in cs]
     owner = torch.tensor([q for q, (_, cs) in enumerate(questions) for _ in cs], device=dev)
     lengths = [len(p) for p in prompts]
-    n_p, n_c = max(lengths), max(len(c) for c in conts)
+    b, n_p = len(prompts), max(lengths)
     pad = torch.tensor([n_p - k for k in lengths], device=dev)
-    x = torch.full((len(prompts), n_p), PAD_ID, dtype=torch.long, device=dev)
+    x = torch.full((b, n_p), PAD_ID, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):
         x[i, n_p - len(p):] = torch.as_tensor(p, dtype=torch.long, device=dev)
-    ctx = StaticInferenceContext(len(prompts), n_p + n_c)
+    fed = [sum(len(c) - 1 for c in cs) for _, cs in questions]
+    n_c = max(fed)
+    ctx = StaticInferenceContext(b, n_p + max(n_c, 1))
     first = _prefill(model, ctx, x, lengths, max_tokens)[:, :vocab_size]  # predicts each choice's first token
     scores = _token_logprobs(first[owner], torch.tensor([c[0] for c in conts], device=dev))
-    # choice r's tokens 0 .. len - 2 predict its tokens 1 .. len - 1: its rows sorted by
-    # that length (longest first), each with a copy of its question's cache
-    order = sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: -len(conts[r]))
-    if not order:
+    if n_c == 0:
         return _per_question(scores.tolist(), questions)
-    sorted_owner = owner[order]
-    for layer, (k, v) in ctx.key_value_memory_dict.items():
-        ctx.key_value_memory_dict[layer] = (k.index_select(1, sorted_owner), v.index_select(1, sorted_owner))
-    ctx.max_batch_size, ctx.materialize_only_last_token_logits = len(order), False
-    fed = [len(conts[r]) - 1 for r in order]
+    y, seg, slots, at = _choice_rows(questions, lengths, n_p, n_c, dev)
+    ctx.materialize_only_last_token_logits = False
     for r0, r1 in _passes(fed, max_tokens):
-        m, rows = fed[r0], order[r0:r1]
-        y = torch.full((len(rows), m), PAD_ID, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            y[i, :fed[r0 + i]] = torch.as_tensor(conts[r][:-1], dtype=torch.long, device=dev)
-        at_row = torch.tensor([i for i in range(len(rows)) for _ in range(fed[r0 + i])], device=dev)
-        at_col = torch.tensor([j for i in range(len(rows)) for j in range(fed[r0 + i])], device=dev)
-        nxt = torch.tensor([t for r in rows for t in conts[r][1:]], device=dev)
-        rpad = pad[sorted_owner[r0:r1]]
+        m = max(fed[r0:r1])
+        if m == 0:
+            continue
+        rows, cols, nxt, choice = (torch.tensor(v, device=dev) for v in zip(*(a for a in at if r0 <= a[0] < r1)))
         ctx.batch_size_offset, ctx.sequence_len_offset = r0, n_p
-        with _left_padded(model, rpad), _target_logprobs_at(model, at_row, at_col, nxt, vocab_size):
-            picked = model(y, _row_positions(rpad, n_p, m), left_padding_mask(rpad, m, n_p + m),
+        with _rotated_at(model, lambda S, s=slots[r0:r1]: s.t()[:S]), \
+                _target_logprobs_at(model, rows - r0, cols, nxt, vocab_size):
+            picked = model(y[r0:r1, :m], slots[r0:r1, n_p:n_p + m], _choice_mask(pad[r0:r1], seg[r0:r1, :m], n_p),
                            inference_context=ctx, runtime_gather_output=True)[0, :, 0]
-        scores = scores.index_add(0, torch.tensor(rows, device=dev)[at_row], picked)
+        scores = scores.index_add(0, choice, picked)
     ctx.batch_size_offset = 0
     return _per_question(scores.tolist(), questions)
 
