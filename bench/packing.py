@@ -15,7 +15,9 @@ the same examples, ``--global-batch`` per optimizer step:
     unpacked, PP    the same micro-batches padded to the longest example of the step: the
                     one shape per step that pipeline parallelism needs
     packed          data.packing: each step's examples placed whole (first_fit_shuffle) into
-                    --pack-length-token micro-batches, thd attention per example
+                    packs of at most --pack-length tokens, each cut after its examples (to a
+                    multiple of 8), thd attention per example: what tiedlora runs at PP size 1
+    packed, PP      the same packs, each --pack-length tokens long: what it runs under PP
 
 One optimizer step is the loop of ``tiedlora.finetune`` without its I/O: megatron-core's
 schedule with the per-token loss (``forward_backward``), ``finalize_adapter_grads``,
@@ -57,7 +59,7 @@ SHAPES = {  # ModelConfig fields
                 num_query_groups=4, vocab_size=32000, params_dtype="bfloat16"),
     "tiny": dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, vocab_size=512),
 }
-CONFIGS = ("unpacked", "unpacked, PP", "packed")
+CONFIGS = ("unpacked", "unpacked, PP", "packed", "packed, PP")
 
 
 def parse_args(argv=None):
@@ -106,9 +108,9 @@ def micro_batches(kind: str, examples: list, args) -> list:
 
     mb = args.micro_batch
     lists = [list(range(k, min(k + mb, len(examples)))) for k in range(0, len(examples), mb)]
-    if kind == "packed":
+    if kind.startswith("packed"):
         return pack_micro_batches(examples, list(range(len(examples))), 0, args.pack_length,
-                                  "first_fit_shuffle", seed=1234)
+                                  "first_fit_shuffle", seed=1234, multiple_of=None if kind == "packed, PP" else 8)
     if kind == "unpacked, PP":
         longest = max(len(e["input_ids"]) - 1 for e in examples)
         return [collate([examples[i] for i in il], 0, 8, -(-longest // 8) * 8) for il in lists]
@@ -227,8 +229,8 @@ def main(argv=None) -> dict:
                                    "best_useful_tokens_per_s": best_rate[kind], "padding": pad,
                                    "micro_batches_per_step": n_mb}
     targets = [("packed ÷ unpacked useful tokens/s ≥ 1.5", med_rate["packed"] / med_rate["unpacked"], 1.5, "ge"),
-               ("packed ÷ unpacked, PP useful tokens/s ≥ 1.5", med_rate["packed"] / med_rate["unpacked, PP"], 1.5,
-                "ge")]
+               ("packed, PP ÷ unpacked, PP useful tokens/s ≥ 1.5", med_rate["packed, PP"] / med_rate["unpacked, PP"],
+                1.5, "ge")]
     if args.memory:
         peaks = {}
         for kind in ("unpacked", "packed"):

@@ -71,16 +71,16 @@ def test_eval_speed_bench_smoke(tmp_path):
 
 @pytest.mark.parametrize("memory", [False, True])
 def test_packing_bench_smoke(tmp_path, memory):
-    """bench/packing.py on a 2-layer model: the three configurations and their padding; with
+    """bench/packing.py on a 2-layer model: the four configurations and their padding; with
     the peak-memory comparison, each configuration's step in its own process."""
     out = tmp_path / "packing.json"
     res = subprocess.run([sys.executable, "bench/packing.py", "--tiny", "--rounds", "1", "--json", str(out)]
                          + ([] if memory else ["--no-memory"]), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert set(r["configs"]) == {"unpacked", "unpacked, PP", "packed"}
+    assert set(r["configs"]) == {"unpacked", "unpacked, PP", "packed", "packed, PP"}
     pad = {k: v["padding"] for k, v in r["configs"].items()}
-    assert pad["packed"] < pad["unpacked"] <= pad["unpacked, PP"]
+    assert pad["packed"] < pad["unpacked"] <= pad["unpacked, PP"] and pad["packed"] < pad["packed, PP"]
     assert "targets" in res.stdout
     if memory:
         assert set(r["peak_gb"]) == {"unpacked", "packed"} and all(v > 0 for v in r["peak_gb"].values())

@@ -77,6 +77,22 @@ def test_a_pack_holds_each_example_as_unpacked_collation_does():
         collate_packed(examples, pad_id=0, pack_length=16)
 
 
+def test_a_pack_is_cut_after_its_examples_unless_one_shape_is_needed():
+    """multiple_of (no pipeline parallelism): the row ends at the examples' tokens rounded
+    up to it, never past pack_length; the cut pack is the full one's first columns."""
+    examples = pt.step_examples(0)[:4]
+    real = sum(len(e["input_ids"]) - 1 for e in examples)
+    full = collate_packed(examples, pad_id=0, pack_length=64)
+    for m, length in ((8, -(-real // 8) * 8), (16, -(-real // 16) * 16), (33, 64), (1, real)):
+        cut = collate_packed(examples, pad_id=0, pack_length=64, multiple_of=m)
+        assert cut["tokens"].shape == (1, length), m
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(cut[key], full[key][:, :length]), (m, key)
+        assert cut["cu_seqlens"].tolist() == full["cu_seqlens"].tolist()
+        assert cut["cu_seqlens_padded"].tolist() == full["cu_seqlens"].tolist()[:-1] + [length]
+        assert cut["real_tokens"] == real
+
+
 class _Dataset(list):
     path = "data/train.jsonl"
 
@@ -130,11 +146,14 @@ def test_packed_training_equals_unpacked(runs, layout, name):
 
 @pytest.mark.dist
 def test_the_steps_are_really_packed(runs, mp1):
-    """Packing changes the micro-batches (fewer, full rows, other shapes), not the examples."""
+    """Packing changes the micro-batches (fewer, fuller rows, other shapes), not the
+    examples. Without pipeline parallelism a pack's row ends at its examples' tokens
+    rounded up to a multiple of 8."""
     init_distributed(ParallelConfig(), seed=pt.SEED)
     for step in range(pt.STEPS):
         packed, unpacked = pt.packed_batches(step), pt.unpacked_batches(step)
-        assert 1 < len(packed) < len(unpacked) and {b["tokens"].shape for b in packed} == {(1, pt.PACK_LENGTH)}
+        assert 1 < len(packed) < len(unpacked)
+        assert [b["tokens"].shape for b in packed] == [(1, -(-b["real_tokens"] // 8) * 8) for b in packed]
         assert sum(b["real_tokens"] for b in packed) == sum(b["real_tokens"] for b in unpacked)
         assert sum(b["loss_mask"].sum() for b in packed) == sum(b["loss_mask"].sum() for b in unpacked)
         assert any(len(b["cu_seqlens"]) > 3 for b in packed)  # several examples share a pack
@@ -196,4 +215,5 @@ def test_step_token_counts_are_real_and_computed_tokens(mp1):
     real = sum(len(e["input_ids"]) - 1 for e in examples)
     unpacked, packed = pt.unpacked_batches(0), pt.packed_batches(0)
     assert step_token_counts(unpacked) == (real, sum(b["tokens"].numel() for b in unpacked))
-    assert step_token_counts(packed) == (real, pt.PACK_LENGTH * len(packed))
+    assert step_token_counts(packed) == (real, sum(b["tokens"].numel() for b in packed))
+    assert sum(b["tokens"].numel() for b in packed) < pt.PACK_LENGTH * len(packed)  # a pack cut short

@@ -192,10 +192,10 @@ def setup(cfg: FinetuneConfig, lock: Optional[RunLock] = None, lock_refused: Opt
     fixed_shape = cfg.parallel.pp > 1  # pipeline p2p needs one shape for all micro-batches
 
     def batches_of(ds, index_lists):
-        if cfg.data.packing:  # the same examples, whole, in packs of pack_length tokens
+        if cfg.data.packing:  # the same examples, whole, in packs of at most pack_length tokens
             indices = [i for il in index_lists for i in il]
             return pack_micro_batches(ds, indices, tokenizer.pad_id, pack_length, cfg.data.pack_algorithm,
-                                      cfg.trainer.seed)
+                                      cfg.trainer.seed, multiple_of=None if fixed_shape else pad_mult)
         length = None
         if fixed_shape:
             longest = max(len(ds[i]["input_ids"]) - 1 for il in index_lists for i in il)

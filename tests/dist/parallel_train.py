@@ -126,8 +126,14 @@ def unpacked_batches(step: int) -> List[dict]:
 def packed_batches(step: int) -> List[dict]:
     from tiedlora.data.packing import pack_micro_batches
 
+    from megatron.core import parallel_state as ps
+
     mine = [i for il in _my_example_lists(step) for i in il]
-    return pack_micro_batches(step_examples(step), mine, 0, PACK_LENGTH, "first_fit_shuffle", SEED)
+    # as finetune packs: full-length rows under PP, else cut to a multiple of 8 (x TP, which
+    # sequence parallelism needs; the layouts here do not say whether SP is on)
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return pack_micro_batches(step_examples(step), mine, 0, PACK_LENGTH, "first_fit_shuffle", SEED,
+                              multiple_of=None if pp > 1 else 8 * tp)
 
 
 def build(parallel: ParallelConfig, name: str, base: Dict[str, torch.Tensor]):

@@ -18,9 +18,12 @@ with room for it, or opens a new one. The shuffle is drawn from ``trainer.seed``
 example indices themselves, so a step's packs depend only on which examples it has:
 resuming from a checkpoint (the sampler's position) rebuilds the same packs.
 
-A pack (:func:`collate_packed`) is one row of ``pack_length`` tokens: the examples one
-after the other, each with its next-token labels, answer-only loss mask and positions
-counted from 0, then padding (loss mask 0). ``cu_seqlens`` marks where each example
+A pack (:func:`collate_packed`) is one row: the examples one after the other, each with
+its next-token labels, answer-only loss mask and positions counted from 0, then padding
+(loss mask 0). Under pipeline parallelism every row is ``pack_length`` tokens (the stages
+exchange one activation shape); otherwise a row ends at its examples' tokens rounded up to
+a multiple of 8 (8 x TP under sequence parallelism), so a step's last, part-filled pack
+computes no long tail of padding. ``cu_seqlens`` marks where each example
 starts, for megatron's ``PackedSeqParams`` (``qkv_format='thd'``): attention never crosses
 an example boundary and rotary positions restart at each example
 (:mod:`tiedlora.models.attention`). The loss is the same sum of per-token losses over the
@@ -73,20 +76,35 @@ def plan_packs(lengths: Sequence[int], capacity: int, algorithm: str, seed: int,
     return first_fit(lengths, capacity, order)
 
 
-def collate_packed(examples: Sequence[Mapping[str, Any]], pad_id: int, pack_length: int) -> dict:
-    """One pack of :class:`tiedlora.data.sft.SFTDataset` items as a micro-batch of one row.
+def _row_length(n: int, pack_length: int, multiple_of: int | None) -> int:
+    """A pack's row length for ``n`` tokens: ``pack_length`` (``multiple_of`` None: one
+    shape for every pack), else n rounded up to ``multiple_of``, at most ``pack_length``."""
+    if multiple_of is None:
+        return pack_length
+    return min(pack_length, -(-n // multiple_of) * multiple_of)
 
-    Returns ``tokens``, ``labels`` [1, pack_length] int64, ``loss_mask`` [1, pack_length]
-    float32, ``position_ids`` [1, pack_length] int64 (from 0 in every example; 0 on
-    padding), ``cu_seqlens`` int32 (example starts, then the end of the last one),
-    ``cu_seqlens_padded`` (the same, ending at ``pack_length``: the padding belongs to the
-    last example), ``max_seqlen`` (the longest padded example) and ``real_tokens`` (an int:
-    tokens that are not padding).
+
+def collate_packed(examples: Sequence[Mapping[str, Any]], pad_id: int, pack_length: int,
+                   multiple_of: int | None = None) -> dict:
+    """One pack of :class:`tiedlora.data.sft.SFTDataset` items as a micro-batch of one row
+    of s tokens: ``pack_length``, or with ``multiple_of`` the examples' tokens rounded up to
+    a multiple of it (at most ``pack_length``; the padding after the last example is not
+    computed).
+
+    Returns ``tokens``, ``labels`` [1, s] int64, ``loss_mask`` [1, s] float32,
+    ``position_ids`` [1, s] int64 (from 0 in every example; 0 on padding), ``cu_seqlens``
+    int32 (example starts, then the end of the last one), ``cu_seqlens_padded`` (the same,
+    ending at s: the padding belongs to the last example), ``max_seqlen`` (the longest
+    padded example) and ``real_tokens`` (an int: tokens that are not padding).
     """
-    tokens = torch.full((1, pack_length), pad_id, dtype=torch.long)
-    labels = torch.full((1, pack_length), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((1, pack_length), dtype=torch.float32)
-    position_ids = torch.zeros((1, pack_length), dtype=torch.long)
+    need = sum(max(len(e["input_ids"]) - 1, 0) for e in examples)
+    if need > pack_length:
+        raise ValueError(f"collate_packed: examples of {need} tokens do not fit in a pack of {pack_length}")
+    s = _row_length(need, pack_length, multiple_of)
+    tokens = torch.full((1, s), pad_id, dtype=torch.long)
+    labels = torch.full((1, s), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((1, s), dtype=torch.float32)
+    position_ids = torch.zeros((1, s), dtype=torch.long)
     cu = [0]
     for e in examples:
         ids, mask = e["input_ids"], e["loss_mask"]
@@ -94,8 +112,6 @@ def collate_packed(examples: Sequence[Mapping[str, Any]], pad_id: int, pack_leng
         if n <= 0:  # nothing to predict (as in unpacked collation)
             continue
         at = cu[-1]
-        if at + n > pack_length:
-            raise ValueError(f"collate_packed: examples of {at + n} tokens do not fit in a pack of {pack_length}")
         tokens[0, at:at + n] = torch.tensor(ids[:-1], dtype=torch.long)
         labels[0, at:at + n] = torch.tensor(ids[1:], dtype=torch.long)
         loss_mask[0, at:at + n] = torch.tensor(mask[1:], dtype=torch.float32)
@@ -103,7 +119,7 @@ def collate_packed(examples: Sequence[Mapping[str, Any]], pad_id: int, pack_leng
         cu.append(at + n)
     if len(cu) == 1:
         raise ValueError("collate_packed: no example with a token to predict")
-    padded = cu[:-1] + [pack_length]
+    padded = cu[:-1] + [s]
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
             "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
             "cu_seqlens_padded": torch.tensor(padded, dtype=torch.int32),
@@ -122,8 +138,10 @@ def check_fits(dataset, pack_length: int) -> None:
 
 
 def pack_micro_batches(dataset, indices: Sequence[int], pad_id: int, pack_length: int, algorithm: str,
-                       seed: int) -> list[dict]:
-    """The examples ``indices`` of ``dataset`` as packed micro-batches (one pack each)."""
+                       seed: int, multiple_of: int | None = None) -> list[dict]:
+    """The examples ``indices`` of ``dataset`` as packed micro-batches (one pack each), each
+    ``pack_length`` tokens long or, with ``multiple_of``, cut after its examples
+    (:func:`collate_packed`)."""
     lengths = [max(len(dataset[i]["input_ids"]) - 1, 0) for i in indices]
     packs = plan_packs(lengths, pack_length, algorithm, seed, key=indices)
-    return [collate_packed([dataset[indices[j]] for j in pack], pad_id, pack_length) for pack in packs]
+    return [collate_packed([dataset[indices[j]] for j in pack], pad_id, pack_length, multiple_of) for pack in packs]
