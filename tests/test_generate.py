@@ -346,8 +346,9 @@ def test_continuation_logprobs_match_manual(mp1):
 @pytest.mark.parametrize("base, batch_size, pass_tokens", [("mini", 5, 1024), ("mini", 16, 1024), ("mini", 16, 12),
                                                         ("llama", 16, 12), ("absolute", 16, 12)])
 def test_choices_batched_equal_one_question_per_pass(bases, base, batch_size, pass_tokens, monkeypatch):
-    """Several questions per forward pass (sorted by length, right-padded) score every
-    choice as one question per pass does, within the fp32 bound: both sides run the same
+    """Several questions per forward pass (sorted by prompt length; each question's choices
+    side by side in one row over its cached prompt) score every choice as one question per
+    pass does, within the fp32 bound: both sides run the same
     model on other batch shapes, so each logit differs by at most the forward pass's bound
     (relative to the largest logit); a log-probability z_t - logsumexp(z) moves by at most
     twice that, and a choice's score sums len(c) of them (plus the log-softmax's and the

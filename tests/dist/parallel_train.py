@@ -124,9 +124,9 @@ def unpacked_batches(step: int) -> List[dict]:
 
 
 def packed_batches(step: int) -> List[dict]:
-    from tiedlora.data.packing import pack_micro_batches
-
     from megatron.core import parallel_state as ps
+
+    from tiedlora.data.packing import pack_micro_batches
 
     mine = [i for il in _my_example_lists(step) for i in il]
     # as finetune packs: full-length rows under PP, else cut to a multiple of 8 (x TP, which
