@@ -238,8 +238,7 @@ def _rotated_at(model, slots):
 
 def _left_padded(model, pad: torch.Tensor):
     """Within the block, ``model`` rotates row i from its first real token (pad[i])."""
-    return _rotated_at(model, lambda S: (torch.arange(S, device=pad.device).unsqueeze(1)
-                                         - pad.unsqueeze(0)).clamp_(min=0))
+    return _rotated_at(model, lambda S: _row_positions(pad, 0, S).t())
 
 
 def _passes(lengths: Sequence[int], max_tokens: int) -> List[Tuple[int, int]]:
@@ -409,8 +408,7 @@ def _choice_rows(questions, lengths: Sequence[int], n_p: int, n_c: int, dev):
     y = torch.full((b, n_c), PAD_ID, dtype=torch.long)
     seg = torch.full((b, n_c), -1, dtype=torch.long)
     slots = torch.zeros(b, n_p + n_c, dtype=torch.long)
-    pad = torch.tensor([n_p - k for k in lengths]).unsqueeze(1)
-    slots[:, :n_p] = (torch.arange(n_p).unsqueeze(0) - pad).clamp_(min=0)
+    slots[:, :n_p] = _row_positions(torch.tensor([n_p - k for k in lengths]), 0, n_p)
     at, r = [], 0
     for q, (_, cs) in enumerate(questions):
         col = 0
